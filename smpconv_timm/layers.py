@@ -1,0 +1,199 @@
+"""SMPConv: a depthwise convolution whose kernel is a function of self-moving points.
+
+Paper: "SMPConv: Self-moving Point Representations for Continuous Convolution", Kim & Park, CVPR 2023.
+
+A layer with ``C`` channels and kernel size ``k`` owns ``P = k * k // 4`` points. Point ``p`` has a
+position ``X[p] = (x, y)`` in [-1, 1]^2, a radius ``R[p]`` and one weight per channel ``W[c, p]``. With
+``u = linspace(-1, 1, k)`` the dense depthwise kernel is
+
+    K[c, i, j] = sum_p W[c, p] * max(0, 1 - (|X[p, 0] - u[j]| + |X[p, 1] - u[k - 1 - i]|) / R[p])
+
+and is applied as an ordinary cross-correlation with ``padding = k // 2``. ``x`` runs along the columns
+(left to right), ``y`` upward (row ``i`` sits at height ``u[k - 1 - i]``, i.e. ``-u[i]`` up to float32
+rounding of ``linspace``). As in the authors' release there is no 1 / |N| normalisation.
+
+Radii live in [1e-3, 1]. After every ``torch.optim.Optimizer.step()`` that updates a radius, the radius is
+clamped in place, under any training loop (timm's train.py, Lightning, a hand-written loop), without the
+loop calling anything. The same global optimizer hooks apply the paper's learning-rate ratio for radii:
+a radius moves by ``radius_lr_scale`` (default 0.1) times the step its optimizer computed, which for
+optimizers whose update is linear in the learning rate (SGD, Adam, AdamW, ...) is exactly a 0.1x
+learning rate. A param group may set ``'radius_lr_scale'`` to override it (1.0 turns it off).
+"""
+import math
+import weakref
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:  # torch < 2.5
+    from torch.fx._symbolic_trace import is_fx_tracing
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from timm.layers import register_notrace_module, trunc_normal_
+
+from .dwconv import depthwise_conv2d
+
+torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
+
+__all__ = ['SMPConv2d', 'smp_kernel', 'RADIUS_MIN', 'RADIUS_MAX', 'RADIUS_LR_SCALE']
+
+RADIUS_MIN = 1e-3
+RADIUS_MAX = 1.0
+RADIUS_LR_SCALE = 0.1
+
+
+def smp_kernel(weight_coord: torch.Tensor, radius: torch.Tensor, weights: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Dense depthwise kernel (C, 1, k, k) from points: positions (1, P, 2), radii (1, P, 1, 1), weights (1, C, P)."""
+    coord = weight_coord[0]
+    # The release samples a float32 linspace buffer and flips rows; -u[i] is u[k-1-i] only up to rounding
+    # (float32 linspace is not exactly symmetric), so build the grid the same way to be bit-exact.
+    u = torch.linspace(-1., 1., kernel_size, dtype=torch.float32, device=coord.device).to(coord.dtype)
+    dist_x = (coord[:, 0:1] - u).abs()  # (P, k) along columns j
+    dist_y = (coord[:, 1:2] - u.flip(0)).abs()  # (P, k) along rows i, y measured upward
+    dist = dist_y[:, :, None] + dist_x[:, None, :]  # (P, k, k) L1 distance of point p to tap (i, j)
+    interp = F.relu(1. - dist / radius.reshape(-1, 1, 1))
+    kernel = weights[0] @ interp.reshape(interp.shape[0], -1)  # (C, k * k)
+    return kernel.reshape(weights.shape[1], 1, kernel_size, kernel_size)
+
+
+@register_notrace_module  # a leaf for torch.fx: the kernel cache below is eager-only logic
+class SMPConv2d(nn.Module):
+    """Depthwise conv with a continuous kernel of self-moving points; a drop-in for a depthwise nn.Conv2d.
+
+    Args:
+        channels: Input = output channels (depthwise).
+        kernel_size: Size of the kernel grid the points are sampled on.
+        n_points: Number of points, ``kernel_size ** 2 // 4`` by default.
+        stride: Conv stride.
+        padding: Conv padding, ``kernel_size // 2`` by default.
+        bias: Add a learnable per-channel bias.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            kernel_size: int,
+            n_points: Optional[int] = None,
+            stride: int = 1,
+            padding: Optional[int] = None,
+            bias: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if kernel_size < 1 or channels < 1:
+            raise ValueError(f'SMPConv2d needs channels >= 1 and kernel_size >= 1, got {channels}, {kernel_size}')
+        self.channels = self.in_channels = self.out_channels = self.groups = channels
+        self.kernel_size = kernel_size
+        self.n_points = n_points or max(1, kernel_size * kernel_size // 4)
+        self.stride = stride
+        self.padding = kernel_size // 2 if padding is None else padding
+        self.weight_coord = nn.Parameter(torch.empty(1, self.n_points, 2, **dd))
+        self.radius = nn.Parameter(torch.empty(1, self.n_points, 1, 1, **dd))
+        self.weights = nn.Parameter(torch.empty(1, channels, self.n_points, **dd))
+        self.bias = nn.Parameter(torch.zeros(channels, **dd)) if bias else None
+        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self.reset_parameters()
+        _LIVE_LAYERS.add(self)
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight_coord, std=0.2, a=-1., b=1.)
+        nn.init.constant_(self.radius, 4. / self.kernel_size)
+        trunc_normal_(self.weights, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _LIVE_LAYERS.add(self)  # copies (deepcopy, pickle) are trained too, e.g. after reparameterize_model
+
+    def train(self, mode: bool = True):
+        self._kernel_cache = None  # also drops a kernel cached from params edited through `.data`
+        return super().train(mode)
+
+    def make_kernel(self, kernel_size: Optional[int] = None) -> torch.Tensor:
+        """The dense kernel (C, 1, k, k); ``kernel_size`` samples the same continuous function on another grid."""
+        return smp_kernel(self.weight_coord, self.radius, self.weights, kernel_size or self.kernel_size)
+
+    def _kernel(self) -> torch.Tensor:
+        params = (self.weight_coord, self.radius, self.weights)
+        if (
+                self.training
+                or _is_tracing()
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        ):
+            return self.make_kernel()
+        # inference: reuse the kernel until a parameter changes (in-place update, load_state_dict, .to())
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, self.make_kernel())
+        return self._kernel_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_fx_tracing() and (x.ndim != 4 or x.shape[1] != self.channels):
+            raise ValueError(f'SMPConv2d({self.channels}) expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}')
+        return depthwise_conv2d(x, self._kernel(), self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        s = f'{self.channels}, kernel_size={self.kernel_size}, n_points={self.n_points}, stride={self.stride}'
+        s += f', padding={self.padding}'
+        return s + (', bias=True' if self.bias is not None else '')
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Radius clamp and radius learning-rate ratio, for every torch optimizer.
+# Global step hooks see every torch.optim.Optimizer (timm's, torch's, Lightning's wrapped ones).
+
+_LIVE_LAYERS: 'weakref.WeakSet[SMPConv2d]' = weakref.WeakSet()
+_SNAPSHOTS: 'weakref.WeakKeyDictionary[torch.optim.Optimizer, List]' = weakref.WeakKeyDictionary()
+
+
+def _radii_in(optimizer: torch.optim.Optimizer) -> Iterator[Tuple[torch.Tensor, float]]:
+    radii = {id(m.radius): m.radius for m in list(_LIVE_LAYERS)}
+    if not radii:
+        return
+    for group in optimizer.param_groups:
+        scale = float(group.get('radius_lr_scale', RADIUS_LR_SCALE))
+        for p in group['params']:
+            if id(p) in radii:
+                yield p, scale
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    _SNAPSHOTS.pop(optimizer, None)  # left over from a step that raised
+    # a wrapper optimizer (e.g. Lookahead) steps its inner one: the outermost step owns each radius
+    busy = {id(p) for snap in _SNAPSHOTS.values() for p, _, _ in snap}
+    with torch.no_grad():
+        snap = [(p, s, p.detach().clone() if s != 1. else None) for p, s in _radii_in(optimizer) if id(p) not in busy]
+    if snap:
+        _SNAPSHOTS[optimizer] = snap
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    snap = _SNAPSHOTS.pop(optimizer, None)
+    if not snap:
+        return
+    with torch.no_grad():
+        for p, scale, before in snap:
+            if before is not None:
+                p.lerp_(before, 1. - scale)  # before + scale * (after - before)
+            p.clamp_(RADIUS_MIN, RADIUS_MAX)
+
+
+register_optimizer_step_pre_hook(_before_step)
+register_optimizer_step_post_hook(_after_step)
+
+
+@torch.no_grad()
+def clamp_radii_(module: nn.Module) -> None:
+    """Clamp every SMP radius in ``module`` to [RADIUS_MIN, RADIUS_MAX] (the optimizer hooks do this already)."""
+    for m in module.modules():
+        if isinstance(m, SMPConv2d):
+            m.radius.clamp_(RADIUS_MIN, RADIUS_MAX)

@@ -1,0 +1,77 @@
+"""Shared fixtures: the authors' golden data (read from ../shared at run time) and release-format checkpoints."""
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import smpconv_timm  # noqa: F401  (registers the models)
+
+warnings.filterwarnings('ignore', message='.*torch.jit.script.*is deprecated', category=FutureWarning)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get('SMPCONV_SHARED', ROOT.parent / 'shared')) / 'reference' / 'golden'
+
+
+def _golden_dir() -> Path:
+    if (GOLDEN / 'make_weights.py').is_file():
+        return GOLDEN
+    reason = f'golden reference data not found at {GOLDEN} (set SMPCONV_SHARED to the folder holding reference/)'
+    if os.environ.get('CI', '').lower() == 'true':
+        pytest.fail(reason + ': required under CI')
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope='session')
+def golden_dir() -> Path:
+    return _golden_dir()
+
+
+@pytest.fixture(scope='session')
+def make_weights(golden_dir):
+    spec = importlib.util.spec_from_file_location('make_weights', golden_dir / 'make_weights.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session')
+def golden(golden_dir):
+    with np.load(golden_dir / 'reference_outputs.npz') as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope='session')
+def golden_input(make_weights) -> torch.Tensor:
+    return torch.from_numpy(make_weights.make_input(2, 224))
+
+
+def release_state_dict(make_weights, golden_dir, variant: str, salt: str = ''):
+    manifest = golden_dir / f'reference_smpconv_{variant}_manifest.json'
+    return {k: torch.from_numpy(v) for k, v in make_weights.make_state_dict(str(manifest), salt).items()}
+
+
+@pytest.fixture(scope='session')
+def release_checkpoint(make_weights, golden_dir, tmp_path_factory):
+    """Path of a release-format checkpoint ({'model', 'model_ema', 'epoch'}) for 't' or 'b', built once."""
+    paths = {}
+
+    def get(variant: str) -> Path:
+        if variant not in paths:
+            ckpt = {
+                'model': release_state_dict(make_weights, golden_dir, variant, 'model'),
+                'model_ema': release_state_dict(make_weights, golden_dir, variant, ''),
+                'epoch': 299,
+            }
+            paths[variant] = tmp_path_factory.mktemp('release') / f'smpconv_{variant}_release.pth'
+            torch.save(ckpt, paths[variant])
+        return paths[variant]
+    return get
+
+
+def golden_tolerance(ref: np.ndarray) -> float:
+    """The golden README's bound for a correct rebuild."""
+    return 1e-4 * max(1., float(np.abs(ref).max()))
