@@ -1,0 +1,746 @@
+"""SMPConv image models for timm.
+
+"SMPConv: Self-moving Point Representations for Continuous Convolution", Kim & Park, CVPR 2023
+(https://arxiv.org/abs/2304.02330, original code https://github.com/sangnekim/SMPConv, MIT license).
+
+A RepLKNet layout whose large depthwise kernels are SMP kernels (see ``layers.py``): each unit is a
+large-kernel block (BN -> 1x1 -> SMP k x k + 5x5 -> ReLU -> 1x1) followed by a ConvFFN block
+(BN -> 1x1 -> GELU -> 1x1), both residual.
+
+Module names follow timm; ``checkpoint_filter_fn`` maps the authors' checkpoints onto them
+(``transitions.{s}`` -> ``stages.{s+1}.downsample``, ``prelkb_bn`` / ``preffn_bn`` -> ``norm``,
+``norm`` -> ``head.norm``, ``head`` -> ``head.fc``, ``kernel_coord`` buffers dropped).
+"""
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, DropPath, to_ntuple, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+from timm.models._helpers import clean_state_dict
+from timm.models._manipulate import named_apply, reparameterize_model
+
+from .checkpoint import HF_HUB_NAMESPACE, load_checkpoint_file, select_state_dict
+from .dwconv import depthwise_conv2d
+
+torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
+from .layers import SMPConv2d
+
+__all__ = ['SMPConvNet', 'checkpoint_filter_fn']
+
+
+class ConvNormAct(nn.Module):
+    """Bias-free conv + BatchNorm (+ activation); ``reparameterize()`` folds the BN into the conv."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            stride: int = 1,
+            groups: int = 1,
+            act_layer: Optional[type] = None,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if isinstance(self.bn, nn.BatchNorm2d):
+            _to_eval(self)
+            weight, bias = fuse_bn(self.conv.weight, self.conv.bias, self.bn)
+            self.conv = _conv_like(self.conv, weight, bias)
+            self.bn = nn.Identity()
+
+
+class SmpLargeKernel(nn.Module):
+    """SMP k x k depthwise conv + BN, plus a small dense depthwise conv + BN, summed."""
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_size: int,
+            small_kernel: int = 5,
+            n_points: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.smp = nn.Sequential(OrderedDict(
+            conv=SMPConv2d(dim, kernel_size, n_points=n_points, **dd),
+            bn=nn.BatchNorm2d(dim, **dd),
+        ))
+        self.small_conv = ConvNormAct(dim, dim, small_kernel, groups=dim, **dd) if small_kernel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.smp(x)
+        if self.small_conv is not None:
+            out = out + self.small_conv(x)
+        return out
+
+    @torch.no_grad()
+    def fuse(self, kernel_size: Optional[int] = None) -> 'DeployLargeKernelConv':
+        """One dense depthwise conv equal to both branches and their BNs (eval-mode statistics).
+
+        ``kernel_size`` samples the continuous SMP kernel on a larger or smaller grid than it was trained on.
+        """
+        _to_eval(self)
+        smp_conv, smp_bn = self.smp.conv, self.smp.bn
+        k = kernel_size or smp_conv.kernel_size
+        weight, bias = fuse_bn(smp_conv.make_kernel(k), smp_conv.bias, smp_bn)
+        if self.small_conv is not None:
+            small = self.small_conv.conv
+            w_small, b_small = fuse_bn(small.weight, small.bias, self.small_conv.bn)
+            ks = small.kernel_size[0]
+            if ks > k:
+                raise ValueError(f'deploy kernel size {k} is smaller than the {ks}x{ks} branch it must absorb')
+            pad = (k - ks) // 2
+            weight = weight + F.pad(w_small, [pad, k - ks - pad] * 2)
+            bias = bias + b_small
+        conv = DeployLargeKernelConv(weight.shape[0], k, device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        return conv
+
+
+class DeployLargeKernelConv(nn.Conv2d):
+    """Deploy form of ``SmpLargeKernel``: one dense depthwise conv with bias."""
+
+    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias, 1, self.padding[0])
+
+    def __getattr__(self, name: str):
+        if name in ('smp', 'small_conv', 'weight_coord', 'radius', 'weights'):
+            raise AttributeError(
+                f"'{name}' does not exist in deploy form: this large kernel was reparameterized into one dense "
+                f"depthwise conv. SMP points, radii and the 5x5 branch exist only in the train-form model.")
+        return super().__getattr__(name)
+
+
+class SmpBlock(nn.Module):
+    """Large-kernel block: x + drop_path(pw2(relu(large_kernel(pw1(norm(x))))))."""
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_size: int,
+            small_kernel: int = 5,
+            n_points: Optional[int] = None,
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim, **dd)
+        self.pw1 = ConvNormAct(dim, dim, 1, act_layer=nn.ReLU, **dd)
+        self.large_kernel = SmpLargeKernel(dim, kernel_size, small_kernel, n_points, **dd)
+        self.act = nn.ReLU()
+        self.pw2 = ConvNormAct(dim, dim, 1, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.pw2(self.act(self.large_kernel(self.pw1(self.norm(x))))))
+
+    @torch.no_grad()
+    def reparameterize(self, kernel_size: Optional[int] = None) -> None:
+        if isinstance(self.large_kernel, SmpLargeKernel):
+            self.large_kernel = self.large_kernel.fuse(kernel_size)
+        _reparameterize_pre_norm(self, self.pw1)
+        self.pw2.reparameterize()
+
+
+class ConvFfnBlock(nn.Module):
+    """ConvFFN block: x + drop_path(pw2(gelu(pw1(norm(x)))))."""
+
+    def __init__(
+            self,
+            dim: int,
+            mlp_ratio: float = 4.,
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm = nn.BatchNorm2d(dim, **dd)
+        self.pw1 = ConvNormAct(dim, hidden, 1, **dd)
+        self.act = nn.GELU()
+        self.pw2 = ConvNormAct(hidden, dim, 1, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.pw2(self.act(self.pw1(self.norm(x)))))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        _reparameterize_pre_norm(self, self.pw1)
+        self.pw2.reparameterize()
+
+
+class SmpConvStage(nn.Module):
+    """Optional downsample (1x1 conv + 3x3 s2 depthwise conv), then ``depth`` (SmpBlock, ConvFfnBlock) units."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            depth: int,
+            kernel_size: int,
+            downsample: bool = True,
+            small_kernel: int = 5,
+            n_points: Optional[int] = None,
+            mlp_ratio: float = 4.,
+            drop_path_rates: Sequence[float] = (),
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = nn.Sequential(
+                ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU, **dd),
+                ConvNormAct(out_chs, out_chs, 3, stride=2, groups=out_chs, act_layer=nn.ReLU, **dd),
+            )
+        else:
+            self.downsample = nn.Identity()
+        dpr = list(drop_path_rates) or [0.] * depth
+        blocks = []
+        for i in range(depth):
+            # the large-kernel block and the FFN block of one unit share its drop-path rate
+            blocks.append(SmpBlock(out_chs, kernel_size, small_kernel, n_points, dpr[i], **dd))
+            blocks.append(ConvFfnBlock(out_chs, mlp_ratio, dpr[i], **dd))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class SmpClassifierHead(ClassifierHead):
+    """BatchNorm -> global pool -> dropout -> fc. ``reparameterize()`` folds the norm into ``fc``."""
+
+    def __init__(self, in_features: int, num_classes: int, pool_type: str = 'avg', drop_rate: float = 0.,
+                 device=None, dtype=None):
+        super().__init__(in_features, num_classes, pool_type=pool_type, drop_rate=drop_rate, device=device, dtype=dtype)
+        self.norm = nn.BatchNorm2d(in_features, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return super().forward(self.norm(x), pre_logits=pre_logits)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if not isinstance(self.norm, nn.BatchNorm2d):
+            return
+        _to_eval(self)
+        scale, shift = bn_scale_shift(self.norm)
+        if isinstance(self.fc, nn.Linear) and self.global_pool.pool_type == 'avg':
+            # a per-channel affine map commutes with average pooling: fc(s * x + t) = (W s) x + (W t + b)
+            self.fc.bias.add_(self.fc.weight @ shift)
+            self.fc.weight.mul_(scale)
+            self.norm = nn.Identity()
+        else:
+            # nothing to fold into: keep the exact affine map as a 1x1 depthwise conv
+            conv = nn.Conv2d(len(scale), len(scale), 1, groups=len(scale), device=scale.device, dtype=scale.dtype)
+            conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
+            conv.bias.copy_(shift)
+            self.norm = conv
+
+
+class SMPConvNet(nn.Module):
+    """SMPConv: RepLKNet-style network with self-moving-point large kernels.
+
+    Args:
+        in_chans: Number of input image channels.
+        num_classes: Number of classes for the classifier, 0 for none.
+        global_pool: Global pooling type.
+        depths: Units (large-kernel block + FFN block) per stage.
+        dims: Channels per stage.
+        kernel_sizes: SMP kernel size per stage (int for all).
+        small_kernel: Size of the parallel dense depthwise kernel (0 for none).
+        n_points: Points per SMP layer, ``k * k // 4`` if None.
+        mlp_ratio: FFN expansion.
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth rate, linear over units.
+        img_size: Accepted for timm API parity; the network is fully convolutional.
+        deploy: Build the deploy form directly (see ``reparameterize``), e.g. to load a deploy checkpoint.
+        deploy_kernel_sizes: Deploy kernel size per stage when ``deploy`` (default: the train sizes).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Sequence[int] = (2, 2, 8, 2),
+            dims: Sequence[int] = (96, 192, 384, 768),
+            kernel_sizes: Union[int, Sequence[int]] = (31, 29, 27, 13),
+            small_kernel: int = 5,
+            n_points: Optional[int] = None,
+            mlp_ratio: float = 4.,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+            deploy: bool = False,
+            deploy_kernel_sizes: Optional[Union[int, Sequence[int]]] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        kernel_sizes = to_ntuple(num_stages)(kernel_sizes)
+        if not (len(dims) == len(kernel_sizes) == num_stages) or num_stages < 1:
+            raise ValueError(
+                f'depths, dims and kernel_sizes need one entry per stage, got {tuple(depths)}, {tuple(dims)}, '
+                f'{tuple(kernel_sizes)}')
+        self.arch_args = dict(
+            depths=tuple(depths), dims=tuple(dims), kernel_sizes=tuple(kernel_sizes),
+            small_kernel=small_kernel, n_points=n_points, mlp_ratio=mlp_ratio)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+
+        self.stem = nn.Sequential(
+            ConvNormAct(in_chans, dims[0], 3, stride=2, act_layer=nn.ReLU, **dd),
+            ConvNormAct(dims[0], dims[0], 3, groups=dims[0], act_layer=nn.ReLU, **dd),
+            ConvNormAct(dims[0], dims[0], 1, act_layer=nn.ReLU, **dd),
+            ConvNormAct(dims[0], dims[0], 3, stride=2, groups=dims[0], act_layer=nn.ReLU, **dd),
+        )
+        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        stages = []
+        self.feature_info = []
+        prev_chs = dims[0]
+        for i in range(num_stages):
+            stages.append(SmpConvStage(
+                prev_chs, dims[i], depths[i], kernel_sizes[i], downsample=i > 0, small_kernel=small_kernel,
+                n_points=n_points, mlp_ratio=mlp_ratio, drop_path_rates=dpr[i], **dd))
+            prev_chs = dims[i]
+            self.feature_info.append(dict(num_chs=prev_chs, reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = prev_chs
+        self.head = SmpClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        named_apply(_init_weights, self)
+        if deploy:
+            self.eval().reparameterize(deploy_kernel_sizes)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^head\.norm', (99999,)),
+            ]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Point positions and radii take no weight decay (1-D params are excluded by timm already)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(('.weight_coord', '.radius'))}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    @property
+    def is_deploy(self) -> bool:
+        """True once the large kernels are reparameterized into dense convs (see ``reparameterize``)."""
+        return not any(isinstance(m, SMPConv2d) for m in self.modules())
+
+    def smp_layers(self) -> List[SMPConv2d]:
+        """The SMP conv layers (points, radii, weights) of a train-form model."""
+        if self.is_deploy:
+            raise RuntimeError(
+                'this model is in deploy form (reparameterized): its large kernels are dense convs and the SMP '
+                'points, radii and weights no longer exist; create the model again to train it')
+        return [m for m in self.modules() if isinstance(m, SMPConv2d)]
+
+    @torch.no_grad()
+    def reparameterize(self, kernel_sizes: Optional[Union[int, Sequence[int]]] = None) -> None:
+        """Deploy form in place: one dense depthwise conv per large-kernel block, every BN folded.
+
+        Same result as ``timm.utils.reparameterize_model(model, inplace=True)``, plus ``kernel_sizes``: the SMP
+        kernels are continuous, so the deploy convs can be sampled on another grid per stage (e.g. 51 for
+        stage 1). A larger grid stretches the learned function over more pixels: it is a different model,
+        not the trained one seen at higher resolution, so expect to re-validate or fine-tune it.
+        """
+        kernel_sizes = to_ntuple(len(self.stages))(kernel_sizes)
+        for stage, k in zip(self.stages, kernel_sizes):
+            for block in stage.blocks:
+                if isinstance(block, SmpBlock):
+                    block.reparameterize(k)
+        reparameterize_model(self, inplace=True)  # the rest: stem, downsamples, FFN blocks, head
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates.
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            norm: Apply the head's norm to the last-stage intermediate.
+            stop_early: Stop iterating over stages when last desired intermediate hit.
+            output_fmt: Shape of intermediate feature outputs (NCHW only).
+            intermediates_only: Only return intermediate features.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune stages and head not required for the requested intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.head = SmpClassifierHead(self.num_features, 0, pool_type='', **_dd(self))
+        if prune_norm:
+            self.head.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = _check_input(x, self.in_chans)
+        x = self.stem(x)
+        x = self.stages(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+@torch.fx.wrap
+def _check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f'the model was built for {in_chans}-channel images (in_chans={in_chans}), got a tensor of shape '
+            f'{tuple(x.shape)}; expected (N, {in_chans}, H, W)')
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BN folding helpers
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BatchNorm: bn(x) = scale * x + shift."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def fuse_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of bn(conv(x)) as a single conv."""
+    scale, shift = bn_scale_shift(bn)
+    bias = shift if bias is None else shift + bias * scale
+    return weight * scale.reshape(-1, 1, 1, 1), bias
+
+
+def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    out = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, bias=True, device=weight.device, dtype=weight.dtype)
+    out.weight.copy_(weight)
+    out.bias.copy_(bias)
+    return out
+
+
+def _reparameterize_pre_norm(block: nn.Module, pw: ConvNormAct) -> None:
+    """Fold ``block.norm`` (a BN right before the 1x1 conv ``pw``) and ``pw``'s own BN into ``pw.conv``.
+
+    Exact because a 1x1 conv has no padding for the BN's shift to leak into.
+    """
+    pw.reparameterize()
+    if isinstance(block.norm, nn.BatchNorm2d):
+        _to_eval(block)
+        scale, shift = bn_scale_shift(block.norm)
+        w = pw.conv.weight  # (out, in, 1, 1)
+        bias = pw.conv.bias + w[:, :, 0, 0] @ shift
+        pw.conv = _conv_like(pw.conv, w * scale.reshape(1, -1, 1, 1), bias)
+        block.norm = nn.Identity()
+    block.drop_path = nn.Identity()  # deploy form is inference-only
+
+
+def _to_eval(module: nn.Module) -> None:
+    if module.training:
+        import warnings
+        warnings.warn(
+            'reparameterizing a model in training mode: BatchNorm running statistics are folded and the '
+            'reparameterized modules are switched to eval mode', stacklevel=3)
+        module.eval()
+
+
+def _dd(module: nn.Module) -> dict:
+    p = next(module.parameters())
+    return {'device': p.device, 'dtype': p.dtype}
+
+
+def _init_weights(module: nn.Module, name: Optional[str] = None) -> None:
+    if isinstance(module, nn.Conv2d):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def _remap_release_key(k: str) -> str:
+    k = re.sub(r'^transitions\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.', k)
+    k = re.sub(r'\.(prelkb_bn|preffn_bn)\.', '.norm.', k)
+    k = re.sub(r'^norm\.', 'head.norm.', k)
+    k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
+    return k
+
+
+def _describe_arch(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[tuple, tuple]]:
+    """(depths, dims) read off the block keys of a timm-format state dict."""
+    blocks: Dict[int, int] = {}
+    dims: Dict[int, int] = {}
+    for k, v in state_dict.items():
+        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.norm\.weight$', k)
+        if m:
+            s, b = int(m.group(1)), int(m.group(2))
+            blocks[s] = max(blocks.get(s, 0), b + 1)
+            dims[s] = v.shape[0]
+    if not blocks:
+        return None
+    stages = range(max(blocks) + 1)
+    return tuple(blocks.get(s, 0) // 2 for s in stages), tuple(dims.get(s, 0) for s in stages)
+
+
+def checkpoint_filter_fn(
+        state_dict: Dict[str, torch.Tensor],
+        model: 'SMPConvNet',
+        use_ema: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """Authors' release / timm checkpoint -> this model's state dict, validated before anything is loaded.
+
+    Accepts a raw state dict, ``{'model', 'model_ema', ...}`` (the authors' trainer), ``{'state_dict',
+    'state_dict_ema', ...}`` (timm's CheckpointSaver), with or without DDP ``module.`` prefixes. EMA weights
+    are picked when present unless ``use_ema=False``. Raises ValueError naming the offending keys for another
+    architecture, missing, unexpected or mis-shaped tensors, and non-finite values.
+    """
+    state_dict = clean_state_dict(select_state_dict(state_dict, use_ema))
+    out, grids = {}, {}
+    for k, v in state_dict.items():
+        if not torch.is_tensor(v):
+            raise ValueError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor')
+        k = _remap_release_key(k)
+        if k.endswith('.kernel_coord'):
+            grids[k] = v  # the release stores its sampling grid; it is computed here, so only checked
+        else:
+            out[k] = v
+
+    own = model.state_dict()
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    ckpt_arch, model_arch = _describe_arch(out), _describe_arch(own)
+    if ckpt_arch != model_arch and ckpt_arch is not None:
+        raise ValueError(
+            f'checkpoint is for another architecture: depths {ckpt_arch[0]}, dims {ckpt_arch[1]} '
+            f'({_known_arch_name(ckpt_arch)}); the model {name} has depths {model_arch[0]}, dims {model_arch[1]}')
+
+    _check_grids(grids, model)
+    if getattr(model, 'is_deploy', False) and any(k.endswith('.radius') for k in out):
+        out = _train_to_deploy_state_dict(out, model)
+
+    first_conv, classifier = 'stem.0.conv.weight', ('head.fc.weight', 'head.fc.bias')
+    adaptable = (first_conv,) + classifier  # timm adapts in_chans / drops a mismatched classifier after this
+    missing = [k for k in own if k not in out]
+    unexpected = [k for k in out if k not in own and k not in classifier]
+    shapes = [
+        f'{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(own[k].shape)}'
+        for k in own if k in out and k not in adaptable and out[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f'missing keys: {", ".join(missing)}')
+    if unexpected:
+        problems.append(f'unexpected keys: {", ".join(unexpected)}')
+    if shapes:
+        problems.append(f'shape mismatch: {"; ".join(shapes)}')
+    if problems:
+        raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
+    bad = [k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f'checkpoint holds non-finite values (NaN/Inf) in: {", ".join(bad)}')
+    return out
+
+
+def _check_grids(grids: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """A release ``kernel_coord`` must be the linspace grid of the model's kernel size at that layer."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SMPConv2d)}
+    for key, grid in grids.items():
+        layer = layers.get(key[:-len('.kernel_coord')])
+        if layer is None:
+            continue  # reported as an unexpected layer by the key checks
+        k = layer.kernel_size
+        if grid.shape != (1, 2, k, k):
+            raise ValueError(
+                f'{key}: the checkpoint samples a {tuple(grid.shape[-2:])} kernel, the model a {k}x{k} one')
+        u = torch.linspace(-1., 1., k)
+        expect = torch.stack(torch.meshgrid(u, u, indexing='ij'))[None]
+        if not torch.allclose(grid.float(), expect, atol=1e-6):
+            raise ValueError(f'{key}: the checkpoint grid is not linspace(-1, 1, {k}); this model cannot load it')
+
+
+def _known_arch_name(arch: Tuple[tuple, tuple]) -> str:
+    for variant, args in _ARCHS.items():
+        if (tuple(args['depths']), tuple(args['dims'])) == arch:
+            return variant
+    return 'not a registered smpconv variant'
+
+
+def _train_to_deploy_state_dict(state_dict: Dict[str, torch.Tensor], model: 'SMPConvNet') -> Dict[str, torch.Tensor]:
+    """Load a train-form state dict into a train-form twin of ``model``; return the twin's deploy-form state dict.
+
+    The twin takes the checkpoint's stem channels and classes, so that timm can still adapt them afterwards.
+    """
+    kernel_sizes = [stage.blocks[0].large_kernel.kernel_size[0] for stage in model.stages]
+    fc = state_dict.get('head.fc.weight')
+    twin = SMPConvNet(
+        in_chans=state_dict['stem.0.conv.weight'].shape[1],
+        num_classes=fc.shape[0] if fc is not None else 0,
+        **model.arch_args,
+    )
+    twin.load_state_dict(state_dict)
+    twin.eval().reparameterize(kernel_sizes)
+    return twin.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model registration
+
+def _create_smpconv(variant: str, pretrained: bool = False, **kwargs) -> SMPConvNet:
+    pretrained_ema = kwargs.pop('pretrained_ema', True)
+    from_file = False
+    if pretrained:
+        # read a local checkpoint file here: clear errors for missing / corrupt files, EMA or raw weights
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        if cfg.file and not cfg.state_dict and cfg.source != 'hf-hub':
+            from_file = True
+            overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+            overlay['state_dict'] = load_checkpoint_file(cfg.file, use_ema=pretrained_ema)
+            kwargs['pretrained_cfg_overlay'] = overlay
+        elif not pretrained_ema:
+            raise ValueError(
+                'pretrained_ema=False needs a release-format checkpoint file (pretrained_cfg_overlay=dict(file=...)): '
+                'published weights hold only the EMA weights')
+    model = build_model_with_cfg(
+        SMPConvNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+    if from_file:
+        for m in (model, getattr(model, 'model', None)):
+            if isinstance(getattr(m, 'pretrained_cfg', None), dict):
+                m.pretrained_cfg.pop('state_dict', None)  # don't keep a second copy of the weights alive
+    return model
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.0.conv', 'classifier': 'head.fc',
+        'license': 'mit', 'paper_ids': 'arXiv:2304.02330',
+        'paper_name': 'SMPConv: Self-moving Point Representations for Continuous Convolution',
+        'origin_url': 'https://github.com/sangnekim/SMPConv',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'smpconv_t.in1k': _cfg(hf_hub_id=f'{HF_HUB_NAMESPACE}/smpconv_t.in1k'),
+    'smpconv_b.in1k': _cfg(hf_hub_id=f'{HF_HUB_NAMESPACE}/smpconv_b.in1k'),
+})
+
+_ARCHS = {
+    'smpconv_t': dict(depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), kernel_sizes=(31, 29, 27, 13)),
+    'smpconv_b': dict(depths=(2, 2, 20, 2), dims=(128, 256, 512, 1024), kernel_sizes=(31, 29, 27, 13)),
+}
+
+
+@register_model
+def smpconv_t(pretrained: bool = False, **kwargs) -> SMPConvNet:
+    """SMPConv-T: 26.7M params, 6.28 GFLOPs (fvcore) at 224. Release drop_path_rate 0.1."""
+    return _create_smpconv('smpconv_t', pretrained=pretrained, **dict(_ARCHS['smpconv_t'], **kwargs))
+
+
+@register_model
+def smpconv_b(pretrained: bool = False, **kwargs) -> SMPConvNet:
+    """SMPConv-B: 79.5M params, 18.22 GFLOPs (fvcore) at 224. Release drop_path_rate 0.5."""
+    return _create_smpconv('smpconv_b', pretrained=pretrained, **dict(_ARCHS['smpconv_b'], **kwargs))
