@@ -194,6 +194,10 @@ register_optimizer_step_post_hook(_after_step)
 @torch.no_grad()
 def clamp_radii_(module: nn.Module) -> None:
     """Clamp every SMP radius in ``module`` to [RADIUS_MIN, RADIUS_MAX] (the optimizer hooks do this already)."""
-    for m in module.modules():
-        if isinstance(m, SMPConv2d):
-            m.radius.clamp_(RADIUS_MIN, RADIUS_MAX)
+    layers = [m for m in module.modules() if isinstance(m, SMPConv2d)]
+    if not layers:
+        raise RuntimeError(
+            f'{type(module).__name__} holds no SMPConv2d layer and so no radii: a deploy-form (reparameterized) '
+            f'model has dense kernels only')
+    for m in layers:
+        m.radius.clamp_(RADIUS_MIN, RADIUS_MAX)

@@ -64,6 +64,7 @@ class ConvNormAct(nn.Module):
             weight, bias = fuse_bn(self.conv.weight, self.conv.bias, self.bn)
             self.conv = _conv_like(self.conv, weight, bias)
             self.bn = nn.Identity()
+            self.eval()
 
 
 class SmpLargeKernel(nn.Module):
@@ -114,7 +115,7 @@ class SmpLargeKernel(nn.Module):
         conv = DeployLargeKernelConv(weight.shape[0], k, device=weight.device, dtype=weight.dtype)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
-        return conv
+        return conv.eval()
 
 
 class DeployLargeKernelConv(nn.Conv2d):
@@ -165,6 +166,7 @@ class SmpBlock(nn.Module):
             self.large_kernel = self.large_kernel.fuse(kernel_size)
         _reparameterize_pre_norm(self, self.pw1)
         self.pw2.reparameterize()
+        self.eval()
 
 
 class ConvFfnBlock(nn.Module):
@@ -194,6 +196,7 @@ class ConvFfnBlock(nn.Module):
     def reparameterize(self) -> None:
         _reparameterize_pre_norm(self, self.pw1)
         self.pw2.reparameterize()
+        self.eval()
 
 
 class SmpConvStage(nn.Module):
@@ -268,6 +271,7 @@ class SmpClassifierHead(ClassifierHead):
             conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
             conv.bias.copy_(shift)
             self.norm = conv
+        self.eval()
 
 
 class SMPConvNet(nn.Module):
@@ -479,7 +483,7 @@ class SMPConvNet(nn.Module):
 
 @torch.fx.wrap
 def _check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    if x.ndim != 4 or x.shape[1] != in_chans:
+    if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != in_chans):
         raise ValueError(
             f'the model was built for {in_chans}-channel images (in_chans={in_chans}), got a tensor of shape '
             f'{tuple(x.shape)}; expected (N, {in_chans}, H, W)')
@@ -563,11 +567,11 @@ def _remap_release_key(k: str) -> str:
 
 
 def _describe_arch(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[tuple, tuple]]:
-    """(depths, dims) read off the block keys of a timm-format state dict."""
+    """(depths, dims) read off the block keys of a timm-format state dict, train or deploy form."""
     blocks: Dict[int, int] = {}
     dims: Dict[int, int] = {}
     for k, v in state_dict.items():
-        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.norm\.weight$', k)
+        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.pw2\.conv\.weight$', k)
         if m:
             s, b = int(m.group(1)), int(m.group(2))
             blocks[s] = max(blocks.get(s, 0), b + 1)
@@ -610,8 +614,13 @@ def checkpoint_filter_fn(
             f'({_known_arch_name(ckpt_arch)}); the model {name} has depths {model_arch[0]}, dims {model_arch[1]}')
 
     _check_grids(grids, model)
-    if getattr(model, 'is_deploy', False) and any(k.endswith('.radius') for k in out):
+    ckpt_deploy = any(k.endswith('.large_kernel.weight') for k in out)
+    if model.is_deploy and not ckpt_deploy:
         out = _train_to_deploy_state_dict(out, model)
+    elif ckpt_deploy and not model.is_deploy:
+        raise ValueError(
+            f'checkpoint is in deploy form (reparameterized, no SMP points): create the model with '
+            f'deploy=True to load it; a train-form {name} cannot be recovered from it')
 
     first_conv, classifier = 'stem.0.conv.weight', ('head.fc.weight', 'head.fc.bias')
     adaptable = (first_conv,) + classifier  # timm adapts in_chans / drops a mismatched classifier after this

@@ -17,8 +17,7 @@ def large_kernel_macs(model, img_size):
         side = img_size // (4 * 2 ** i)
         for block in stage.blocks[::2]:
             smp = block.large_kernel.smp.conv
-            k = min(smp.kernel_size, 2 * side - 1)  # taps that can reach the map
-            conv += side * side * smp.channels * k * k
+            conv += side * side * smp.channels * smp.kernel_size ** 2
             interp += smp.channels * smp.n_points * smp.kernel_size ** 2
     return conv, interp
 
