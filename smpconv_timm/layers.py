@@ -115,8 +115,15 @@ class SMPConv2d(nn.Module):
         return super().train(mode)
 
     def make_kernel(self, kernel_size: Optional[int] = None) -> torch.Tensor:
-        """The dense kernel (C, 1, k, k); ``kernel_size`` samples the same continuous function on another grid."""
-        return smp_kernel(self.weight_coord, self.radius, self.weights, kernel_size or self.kernel_size)
+        """The dense kernel (C, 1, k, k); ``kernel_size`` samples the same continuous function on another grid.
+
+        Always in the parameters' dtype: under autocast, the conv that uses it casts it.
+        """
+        k = kernel_size or self.kernel_size
+        if _is_tracing():  # traced graphs record the plain computation
+            return smp_kernel(self.weight_coord, self.radius, self.weights, k)
+        with torch.autocast(self.weights.device.type, enabled=False):
+            return smp_kernel(self.weight_coord, self.radius, self.weights, k)
 
     def _kernel(self) -> torch.Tensor:
         params = (self.weight_coord, self.radius, self.weights)

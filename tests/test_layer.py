@@ -211,3 +211,21 @@ def test_deepcopied_layers_are_clamped_too():
     layer.radius.grad = torch.full_like(layer.radius, -100.)
     opt.step()
     assert layer.radius.max() <= RADIUS_MAX
+
+
+def test_autocast_forward_backward_and_cache():
+    torch.manual_seed(0)
+    layer = SMPConv2d(8, 9)
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+        ref = F.conv2d(x, layer.make_kernel(), padding=4, groups=8)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().sum().backward()
+    assert layer.weights.grad.dtype == torch.float32 and torch.isfinite(layer.weights.grad).all()
+    layer.eval()
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            layer(x)
+        assert layer(x).dtype == torch.float32  # the cached kernel did not keep autocast's dtype
