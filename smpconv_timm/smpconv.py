@@ -27,6 +27,8 @@ from timm.models._manipulate import named_apply, reparameterize_model
 
 from .checkpoint import HF_HUB_NAMESPACE, load_checkpoint_file, select_state_dict
 from .dwconv import depthwise_conv2d
+from .fastpath import FusedConv, cached_plan, drop_plan, inference_path
+from .recompute import bn_gelu_conv, recompute_applies
 
 torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
 from .layers import SMPConv2d
@@ -34,8 +36,16 @@ from .layers import SMPConv2d
 __all__ = ['SMPConvNet', 'checkpoint_filter_fn']
 
 
-class ConvNormAct(nn.Module):
-    """Bias-free conv + BatchNorm (+ activation); ``reparameterize()`` folds the BN into the conv."""
+class _PlanCache:
+    """Drops the cached inference plan (see ``fastpath``) when the module switches between train and eval."""
+
+    def train(self, mode: bool = True):
+        drop_plan(self)
+        return super().train(mode)
+
+
+class ConvNormAct(_PlanCache, nn.Module):
+    """Bias-free conv + BatchNorm (+ ReLU); ``reparameterize()`` folds the BN into the conv."""
 
     def __init__(
             self,
@@ -55,14 +65,30 @@ class ConvNormAct(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_path(self, x):
+            return cached_plan(self, self._fused_conv)(x)
         return self.act(self.bn(self.conv(x)))
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
+    def _fused_conv(self) -> FusedConv:
+        conv = self.conv
+        return FusedConv(*self.folded(), conv.stride[0], conv.padding[0], conv.groups, _act_name(self.act))
+
+    def folded(self, pre_norm: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) with the BN folded in, and ``pre_norm``, a BatchNorm right before this 1x1 conv."""
+        weight, bias = self.conv.weight, self.conv.bias
         if isinstance(self.bn, nn.BatchNorm2d):
+            weight, bias = fuse_bn(weight, bias, self.bn)
+        elif bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        if isinstance(pre_norm, nn.BatchNorm2d):
+            weight, bias = fold_pre_bn(weight, bias, pre_norm)
+        return weight, bias
+
+    @torch.no_grad()
+    def reparameterize(self, pre_norm: Optional[nn.Module] = None) -> None:
+        if isinstance(self.bn, nn.BatchNorm2d) or isinstance(pre_norm, nn.BatchNorm2d):
             _to_eval(self)
-            weight, bias = fuse_bn(self.conv.weight, self.conv.bias, self.bn)
-            self.conv = _conv_like(self.conv, weight, bias)
+            self.conv = _conv_like(self.conv, *self.folded(pre_norm))
             self.bn = nn.Identity()
             self.eval()
 
@@ -93,29 +119,29 @@ class SmpLargeKernel(nn.Module):
             out = out + self.small_conv(x)
         return out
 
-    @torch.no_grad()
-    def fuse(self, kernel_size: Optional[int] = None) -> 'DeployLargeKernelConv':
-        """One dense depthwise conv equal to both branches and their BNs (eval-mode statistics).
+    def folded(self, kernel_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of one dense depthwise conv equal to both branches and their BNs (eval statistics).
 
         ``kernel_size`` samples the continuous SMP kernel on a larger or smaller grid than it was trained on.
         """
-        _to_eval(self)
         smp_conv, smp_bn = self.smp.conv, self.smp.bn
         k = kernel_size or smp_conv.kernel_size
         weight, bias = fuse_bn(smp_conv.make_kernel(k), smp_conv.bias, smp_bn)
         if self.small_conv is not None:
-            small = self.small_conv.conv
-            w_small, b_small = fuse_bn(small.weight, small.bias, self.small_conv.bn)
-            ks = small.kernel_size[0]
+            w_small, b_small = self.small_conv.folded()
+            ks = w_small.shape[-1]
             if ks > k:
                 raise ValueError(f'deploy kernel size {k} is smaller than the {ks}x{ks} branch it must absorb')
             pad = (k - ks) // 2
             weight = weight + F.pad(w_small, [pad, k - ks - pad] * 2)
             bias = bias + b_small
-        conv = DeployLargeKernelConv(weight.shape[0], k, device=weight.device, dtype=weight.dtype)
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-        return conv.eval()
+        return weight, bias
+
+    @torch.no_grad()
+    def fuse(self, kernel_size: Optional[int] = None) -> 'DeployLargeKernelConv':
+        """The deploy form: one ``DeployLargeKernelConv`` (timm's ``reparameterize_model`` calls this)."""
+        _to_eval(self)
+        return DeployLargeKernelConv.from_folded(*self.folded(kernel_size))
 
 
 class DeployLargeKernelConv(nn.Conv2d):
@@ -124,8 +150,21 @@ class DeployLargeKernelConv(nn.Conv2d):
     def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True, device=device, dtype=dtype)
 
+    @classmethod
+    def from_folded(cls, weight: torch.Tensor, bias: torch.Tensor) -> 'DeployLargeKernelConv':
+        conv = cls(weight.shape[0], weight.shape[-1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+        return conv.eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return depthwise_conv2d(x, self.weight, self.bias, 1, self.padding[0])
+
+    def folded(self, kernel_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if kernel_size not in (None, self.kernel_size[0]):
+            raise ValueError('a deploy-form kernel is dense: it cannot be resampled; reparameterize the train form')
+        return self.weight, self.bias
 
     def __getattr__(self, name: str):
         if name in ('smp', 'small_conv', 'weight_coord', 'radius', 'weights'):
@@ -135,7 +174,7 @@ class DeployLargeKernelConv(nn.Conv2d):
         return super().__getattr__(name)
 
 
-class SmpBlock(nn.Module):
+class SmpBlock(_PlanCache, nn.Module):
     """Large-kernel block: x + drop_path(pw2(relu(large_kernel(pw1(norm(x))))))."""
 
     def __init__(
@@ -158,18 +197,35 @@ class SmpBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_path(self, x):
+            pw1, large_kernel, pw2 = cached_plan(self, self._fused_convs)
+            return pw2(large_kernel(pw1(x)), residual=x)
         return x + self.drop_path(self.pw2(self.act(self.large_kernel(self.pw1(self.norm(x))))))
+
+    def folded_weights(self, kernel_size: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of pw1 (with ``norm``), the large kernel and pw2, every BN folded."""
+        return [self.pw1.folded(pre_norm=self.norm), self.large_kernel.folded(kernel_size), self.pw2.folded()]
+
+    def _fused_convs(self) -> Tuple[FusedConv, FusedConv, FusedConv]:
+        (w1, b1), (wk, bk), (w2, b2) = self.folded_weights()
+        lk = FusedConv(wk, bk, padding=wk.shape[-1] // 2, groups=wk.shape[0], act='relu')
+        return FusedConv(w1, b1, act='relu'), lk, FusedConv(w2, b2)
 
     @torch.no_grad()
     def reparameterize(self, kernel_size: Optional[int] = None) -> None:
-        if isinstance(self.large_kernel, SmpLargeKernel):
-            self.large_kernel = self.large_kernel.fuse(kernel_size)
-        _reparameterize_pre_norm(self, self.pw1)
-        self.pw2.reparameterize()
+        """Deploy form in place: norm folded into pw1, the large kernel one dense conv, drop path removed."""
+        if isinstance(self.large_kernel, SmpLargeKernel) or _has_bn(self):
+            _to_eval(self)
+            (w1, b1), (wk, bk), (w2, b2) = self.folded_weights(kernel_size)
+            _set_folded(self.pw1, w1, b1)
+            self.large_kernel = DeployLargeKernelConv.from_folded(wk, bk)
+            _set_folded(self.pw2, w2, b2)
+            self.norm = nn.Identity()
+        self.drop_path = nn.Identity()
         self.eval()
 
 
-class ConvFfnBlock(nn.Module):
+class ConvFfnBlock(_PlanCache, nn.Module):
     """ConvFFN block: x + drop_path(pw2(gelu(pw1(norm(x)))))."""
 
     def __init__(
@@ -190,12 +246,35 @@ class ConvFfnBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.pw2(self.act(self.pw1(self.norm(x)))))
+        if inference_path(self, x):
+            pw1, pw2 = cached_plan(self, self._fused_convs)
+            return pw2(pw1(x), residual=x)
+        hidden = self.pw1.conv(self.norm(x))
+        if recompute_applies(self.pw1.bn, hidden) and isinstance(self.act, nn.GELU) and self.act.approximate == 'none':
+            # same values and gradients; the 4x-wide BN and GELU outputs are recomputed in backward
+            out = self.pw2.bn(bn_gelu_conv(hidden, self.pw1.bn, self.pw2.conv))
+        else:
+            out = self.pw2(self.act(self.pw1.act(self.pw1.bn(hidden))))
+        return x + self.drop_path(out)
+
+    def folded_weights(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of pw1 (with ``norm``) and pw2, every BN folded."""
+        return [self.pw1.folded(pre_norm=self.norm), self.pw2.folded()]
+
+    def _fused_convs(self) -> Tuple[FusedConv, FusedConv]:
+        (w1, b1), (w2, b2) = self.folded_weights()
+        return FusedConv(w1, b1, act='gelu'), FusedConv(w2, b2)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        _reparameterize_pre_norm(self, self.pw1)
-        self.pw2.reparameterize()
+        """Deploy form in place: norm folded into pw1, both BNs folded, drop path removed."""
+        if _has_bn(self):
+            _to_eval(self)
+            (w1, b1), (w2, b2) = self.folded_weights()
+            _set_folded(self.pw1, w1, b1)
+            _set_folded(self.pw2, w2, b2)
+            self.norm = nn.Identity()
+        self.drop_path = nn.Identity()
         self.eval()
 
 
@@ -515,20 +594,29 @@ def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.
     return out
 
 
-def _reparameterize_pre_norm(block: nn.Module, pw: ConvNormAct) -> None:
-    """Fold ``block.norm`` (a BN right before the 1x1 conv ``pw``) and ``pw``'s own BN into ``pw.conv``.
+def fold_pre_bn(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of conv(bn(x)) for a 1x1 conv: exact, as a 1x1 conv has no padding for the shift to leak into."""
+    if weight.shape[-2:] != (1, 1):
+        raise ValueError('a BatchNorm before a conv folds exactly only into a 1x1 conv')
+    scale, shift = bn_scale_shift(bn)
+    return weight * scale.reshape(1, -1, 1, 1), bias + weight[:, :, 0, 0] @ shift
 
-    Exact because a 1x1 conv has no padding for the BN's shift to leak into.
-    """
-    pw.reparameterize()
-    if isinstance(block.norm, nn.BatchNorm2d):
-        _to_eval(block)
-        scale, shift = bn_scale_shift(block.norm)
-        w = pw.conv.weight  # (out, in, 1, 1)
-        bias = pw.conv.bias + w[:, :, 0, 0] @ shift
-        pw.conv = _conv_like(pw.conv, w * scale.reshape(1, -1, 1, 1), bias)
-        block.norm = nn.Identity()
-    block.drop_path = nn.Identity()  # deploy form is inference-only
+
+def _set_folded(module: ConvNormAct, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    module.conv = _conv_like(module.conv, weight, bias)
+    module.bn = nn.Identity()
+    module.eval()
+
+
+def _has_bn(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+def _act_name(act: nn.Module) -> str:
+    names = {nn.ReLU: 'relu', nn.GELU: 'gelu', nn.Identity: 'none'}
+    if type(act) not in names or getattr(act, 'approximate', 'none') != 'none':
+        raise ValueError(f'no fused form for activation {act}')
+    return names[type(act)]
 
 
 def _to_eval(module: nn.Module) -> None:

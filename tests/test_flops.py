@@ -36,7 +36,7 @@ def dense_conv_macs(model, img_size):
     total = []
     hooks = [m.register_forward_hook(lambda m, i, o: total.append(o.numel() * m.weight[0].numel()))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
+    with torch.enable_grad():  # the plain modules (inference without autograd runs a fused plan instead)
         model.eval()(torch.zeros(1, 3, img_size, img_size))
     for h in hooks:
         h.remove()

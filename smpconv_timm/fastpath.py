@@ -1,0 +1,123 @@
+"""Inference fast path: folded weights run as fused convolutions.
+
+In eval mode without autograd, each block of an SMPConv model runs its convolutions with every BatchNorm
+folded in (the deploy-form weights, in the train form too), the following ReLU / GELU or the residual
+add fused into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the
+plain layout is re-blocked on every call otherwise). Results equal the plain modules' up to float
+rounding; ``tests/test_fastpath.py`` holds them to it.
+
+Where oneDNN's fused ops are unavailable (other devices, dtypes or PyTorch builds) the same plan runs
+as plain ``conv2d`` + activation + add.
+
+``set_fast_paths(False)`` (or ``SMPCONV_FASTPATH=0``) turns this and the training-time recomputation of
+``recompute.py`` off: the model then runs its plain modules, op for op what the authors' code runs.
+"""
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dwconv import _crop, depthwise_conv2d
+from .layers import _is_tracing
+
+__all__ = ['FusedConv', 'inference_path', 'cached_plan', 'set_fast_paths', 'fast_paths_enabled']
+
+_ENABLED = os.environ.get('SMPCONV_FASTPATH', '1') != '0'
+
+
+def set_fast_paths(enabled: bool) -> None:
+    """Turn the inference fast path and the training recomputation on or off (default on)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def fast_paths_enabled() -> bool:
+    return _ENABLED
+
+
+def _onednn_fusion_available() -> bool:
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+                and hasattr(torch.ops.mkldnn, '_reorder_convolution_weight'))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_fusion_available()
+_ACTS = {'none': lambda x: x, 'relu': F.relu, 'gelu': F.gelu}
+
+
+def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
+    """True where the fast path applies: eval mode, no autograd, no autocast, eager execution."""
+    if not _ENABLED or module.training or torch.is_grad_enabled():
+        return False
+    return not _is_tracing() and not torch.is_autocast_enabled(x.device.type)
+
+
+def _version_key(module: nn.Module) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.dtype) for t in (*module.parameters(), *module.buffers()))
+
+
+def cached_plan(module: nn.Module, build):
+    """``build()`` once per parameter / buffer state of ``module``; dropped by ``module.train()``."""
+    key = _version_key(module)
+    cache = module.__dict__.get('_fast_plan')
+    if cache is None or cache[0] != key:
+        cache = (key, build())
+        module.__dict__['_fast_plan'] = cache
+    return cache[1]
+
+
+def drop_plan(module: nn.Module) -> None:
+    module.__dict__.pop('_fast_plan', None)
+
+
+class FusedConv:
+    """``act(conv2d(x) + bias)`` or ``conv2d(x) + bias + residual`` for inference, from folded weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
+                 groups: int = 1, act: str = 'none'):
+        self.weight, self.bias = weight.detach(), bias.detach()
+        self.stride, self.padding, self.groups, self.act = stride, padding, groups, act
+        self.depthwise = groups > 1 and groups == weight.shape[0] and weight.shape[1] == 1
+        self._packed: Dict[tuple, Tuple[torch.Tensor, Tuple[int, int]]] = {}
+
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        onednn_dtype = x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+        if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
+            return self._onednn(x, residual)
+        if self.depthwise:
+            y = depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        y = _ACTS[self.act](y)
+        return y if residual is None else y + residual
+
+    def _weight_for(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """The oneDNN-packed weight (taps that only see padding cropped, as in ``depthwise_conv2d``)."""
+        kh, kw = self.weight.shape[-2:]
+        crop = self.depthwise and self.stride == 1 and (kh > 2 * x.shape[-2] - 1 or kw > 2 * x.shape[-1] - 1)
+        key = tuple(x.shape[-2:]) if crop else ()
+        if key not in self._packed:
+            weight, padding = self.weight, (self.padding, self.padding)
+            if crop:
+                r0, r1, ph = _crop(kh, self.padding, x.shape[-2])
+                c0, c1, pw = _crop(kw, self.padding, x.shape[-1])
+                weight, padding = weight[:, :, r0:r1, c0:c1].contiguous(), (ph, pw)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, list(padding), [self.stride] * 2, [1, 1], self.groups, list(x.shape))
+            self._packed[key] = (packed, padding)
+        return self._packed[key]
+
+    def _onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        weight, padding = self._weight_for(x)
+        geometry = (list(padding), [self.stride] * 2, [1, 1], self.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, self.bias, *geometry, self.act, [], 'none' if self.act == 'gelu' else '')
+        assert self.act == 'none', 'a fused residual add takes no activation'
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, self.bias, *geometry, 'add', None, None, [], None)

@@ -1,0 +1,154 @@
+"""The inference fast path and the training recomputation give what the plain modules give."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.utils import reparameterize_model
+
+import smpconv_timm.smpconv as smpconv_module
+from smpconv_timm import fastpath
+from smpconv_timm.smpconv import ConvFfnBlock, SmpBlock
+
+TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
+
+
+def randomise_bn(model):
+    """Non-trivial BatchNorm statistics, so that folding them is really exercised."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+def plain(model, x):
+    """The plain modules: autograd on takes them (the fast path is for no-grad inference)."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def fast(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1., b.abs().max().item()))
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+@pytest.mark.parametrize('size', [64, 20])  # 20: stage-3/4 maps smaller than the kernels (cropped taps)
+def test_train_form_eval_matches_plain_modules(release_checkpoint, channels_last, size):
+    model = timm.create_model('smpconv_t', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(release_checkpoint('t')))).eval()
+    x = torch.randn(2, 3, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = fast(model, x)
+    assert '_fast_plan' in model.stages[0].blocks[0].__dict__  # really the fast path
+    close(out, plain(model, x))
+
+
+def test_deploy_form_matches_plain_modules():
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    deploy = reparameterize_model(model)
+    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    close(fast(deploy, x), plain(deploy, x))
+    close(fast(deploy, x), plain(model, x))
+
+
+def test_plan_follows_parameter_changes():
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fast(model, x)
+    block = model.stages[1].blocks[0]
+    plan = block.__dict__['_fast_plan']
+    fast(model, x)
+    assert block.__dict__['_fast_plan'] is plan  # reused while nothing changes
+    with torch.no_grad():  # an in-place update, as an optimizer or an EMA makes
+        block.large_kernel.smp.conv.radius.mul_(0.8)
+        model.stages[2].blocks[1].pw1.bn.running_var.mul_(1.5)
+    close(fast(model, x), plain(model, x))
+    other = randomise_bn(timm.create_model('smpconv_t', **TINY))
+    model.load_state_dict(other.state_dict())
+    close(fast(model, x), plain(other.eval(), x))
+    model.train()
+    assert '_fast_plan' not in block.__dict__  # training drops the cached weights
+
+
+def test_fast_path_only_where_it_applies():
+    model = timm.create_model('smpconv_t', **TINY)
+    block = model.stages[0].blocks[0]
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)  # autograd on
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
+        model(x)
+    fastpath.set_fast_paths(False)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        fastpath.set_fast_paths(True)
+    assert '_fast_plan' not in block.__dict__
+    with torch.no_grad():
+        model(x)
+    assert '_fast_plan' in block.__dict__
+
+
+def test_fused_activation_names():
+    assert smpconv_module._act_name(nn.ReLU()) == 'relu' and smpconv_module._act_name(nn.GELU()) == 'gelu'
+    with pytest.raises(ValueError, match='no fused form'):
+        smpconv_module._act_name(nn.GELU(approximate='tanh'))
+
+
+def test_training_recomputation_matches_plain_autograd(monkeypatch):
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    calls = []
+    original = smpconv_module.bn_gelu_conv
+    monkeypatch.setattr(smpconv_module, 'bn_gelu_conv', lambda *a: calls.append(1) or original(*a))
+    out = model(x)
+    out.square().mean().backward()
+    assert len(calls) == sum(isinstance(m, ConvFfnBlock) for m in model.modules())
+    fastpath.set_fast_paths(False)
+    try:
+        out_ref = ref(x)
+        out_ref.square().mean().backward()
+    finally:
+        fastpath.set_fast_paths(True)
+    assert len(calls) == 5
+    torch.testing.assert_close(out, out_ref)
+    scale = max(p.grad.abs().max() for p in ref.parameters())
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-5 * scale, msg=name)
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, msg=name)  # running statistics and num_batches_tracked
+
+
+def test_sync_batchnorm_takes_the_plain_modules(monkeypatch):
+    model = timm.create_model('smpconv_t', **TINY).train()
+    ffn = model.stages[0].blocks[1]
+    ffn.pw1.bn = nn.SyncBatchNorm(ffn.pw1.bn.num_features)
+    monkeypatch.setattr(smpconv_module, 'bn_gelu_conv', lambda *a: pytest.fail('recomputed a SyncBatchNorm'))
+    ffn(torch.randn(2, 16, 8, 8)).sum()  # SyncBatchNorm falls back to plain BN without a process group
+
+
+def test_smp_blocks_keep_their_plain_forward_in_training():
+    block = SmpBlock(8, 7).train()
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    block(x).sum().backward()
+    assert x.grad is not None and block.large_kernel.smp.conv.radius.grad is not None
