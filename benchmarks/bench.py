@@ -1,0 +1,214 @@
+"""Speed and memory of smpconv_t / smpconv_b against timm's ConvNeXt, measured in one run.
+
+    python benchmarks/bench.py                      # T against convnext_tiny, B against convnext_base
+    python benchmarks/bench.py --models smpconv_t   # T only
+    python benchmarks/bench.py --device cuda        # on a GPU
+
+Rows per model:
+- ``release``: the authors' model as it runs without their hand-compiled CUDA extension: plain PyTorch
+  ops (``F.conv2d`` for the large kernel and PyTorch's own backward, BatchNorm modules), NCHW. Same
+  weights and outputs as ours. ``release-cl`` is the same in channels-last.
+- ``train form``: ours as created by ``timm.create_model``, channels-last (eval uses the fused
+  inference path; training the FFT weight gradient and the FFN recomputation).
+- ``deploy``: ours after ``timm.utils.reparameterize_model`` (eval only).
+
+Eval: latency per batch (bs 1, 16, 224x224, median of repeats) and throughput. Train: one step of
+forward + backward + AdamW step (bs 8, 32), each model in a fresh process so that its peak memory is its
+own: peak resident memory (CPU) or peak allocated memory (CUDA) during the steps, minus what the process
+held before the first step. Ratios are to the baseline ConvNeXt of the same size measured in this run.
+The large-kernel table gives the achieved GFLOP/s of the stage-wise 31/29/27/13 depthwise convs
+against a 2048^3 matmul in the same process, the machine's practical limit.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+BASELINES = {'smpconv_t': 'convnext_tiny', 'smpconv_b': 'convnext_base'}
+
+
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, device: str, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def configure(form: str) -> None:
+    """Switch smpconv_timm between its own paths and plain PyTorch ops."""
+    from smpconv_timm import dwconv, fastpath
+    plain = form.startswith('release')
+    fastpath.set_fast_paths(not plain)
+    if plain:
+        dwconv.set_algorithms(forward='direct', input_grad='native', weight_grad='native')
+    else:
+        dwconv.set_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
+
+
+def build(name: str, form: str, device: str):
+    import timm
+    import smpconv_timm  # noqa: F401
+    from timm.utils import reparameterize_model
+    configure(form)
+    model = timm.create_model(name).to(device)
+    if form != 'release':
+        model = model.to(memory_format=torch.channels_last)
+    if form == 'deploy':
+        model = reparameterize_model(model.eval())
+    return model
+
+
+def _input(batch: int, form: str, device: str, size: int = 224) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size, device=device)
+    return x if form == 'release' else x.contiguous(memory_format=torch.channels_last)
+
+
+def eval_latency(name: str, form: str, batch: int, device: str, reps: int) -> float:
+    model = build(name, form, device).eval()
+    x = _input(batch, form, device)
+    with torch.no_grad():
+        return _median_ms(lambda: model(x), device, warmup=2, reps=reps)
+
+
+def train_step_worker(name: str, form: str, batch: int, device: str, reps: int) -> Dict[str, float]:
+    """One model's training steps; run in a fresh process by ``train_step``."""
+    torch.manual_seed(0)
+    model = build(name, form, device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x = _input(batch, form, device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    ms = _median_ms(step, device, warmup=1, reps=reps)
+    peak = torch.cuda.max_memory_allocated() if device == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {'ms': ms, 'peak_mb': (peak - before) / 2 ** 20}
+
+
+def _rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def train_step(name: str, form: str, batch: int, device: str, reps: int) -> Dict[str, float]:
+    code = (f'import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import bench; '
+            f'print(json.dumps(bench.train_step_worker({name!r}, {form!r}, {batch}, {device!r}, {reps})))')
+    out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def large_kernel_gflops(device: str, batch: int = 16) -> List[Dict[str, float]]:
+    """Achieved GFLOP/s of the large depthwise convs (forward, and forward + backward) vs a matmul."""
+    from smpconv_timm import dwconv
+    configure('train form')
+    a = torch.randn(2048, 2048, device=device)
+    matmul = 2 * 2048 ** 3 / _median_ms(lambda: a @ a, device, 2, 5) / 1e6
+    rows = []
+    for c, h, k in ((96, 56, 31), (192, 28, 29), (384, 14, 27), (768, 7, 13)):
+        x = torch.randn(batch, c, h, h, device=device).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c, 1, k, k, device=device)
+        flops = 2 * batch * c * h * h * k * k
+        fwd = _median_ms(lambda: dwconv.depthwise_conv2d(x, w, None, 1, k // 2), device, 2, 5)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        both = _median_ms(lambda: torch.autograd.grad(
+            dwconv.depthwise_conv2d(xg, wg, None, 1, k // 2).sum(), (xg, wg)), device, 2, 3)
+        torch_both = _median_ms(lambda: torch.autograd.grad(
+            F.conv2d(xg, wg, None, 1, k // 2, 1, c).sum(), (xg, wg)), device, 1, 1)
+        rows.append(dict(shape=f'{c}x{h}x{h} k{k}', fwd_gflops=flops / fwd / 1e6,
+                         train_gflops=3 * flops / both / 1e6, torch_train_gflops=3 * flops / torch_both / 1e6,
+                         matmul_gflops=matmul))
+    return rows
+
+
+def _table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
+    return '\n'.join([fmt(rows[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|'] + [fmt(r) for r in rows[1:]])
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['smpconv_t', 'smpconv_b'], choices=list(BASELINES))
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--eval-batches', type=int, nargs='+', default=[1, 16])
+    parser.add_argument('--train-batches', type=int, nargs='+', default=[8, 32])
+    parser.add_argument('--reps', type=int, default=5, help='timed repeats for bs <= 8; fewer for larger batches')
+    parser.add_argument('--skip-release-train', action='store_true', help='skip the slow release-form train steps')
+    parser.add_argument('--json', help='also write the results here')
+    args = parser.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda needs a GPU')
+
+    print(f'# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
+          f'device {args.device}, {time.strftime("%Y-%m-%d")}\n')
+    results = {'eval': [], 'train': [], 'large_kernel': []}
+    reps = lambda bs: args.reps if bs <= 8 else max(2, args.reps // 2)
+
+    rows = [['model', 'form', 'batch', 'ms / batch', 'img/s', 'x baseline']]
+    for name in args.models:
+        base = BASELINES[name]
+        for bs in args.eval_batches:
+            base_ms = eval_latency(base, 'train form', bs, args.device, reps(bs))
+            rows.append([base, 'baseline', str(bs), f'{base_ms:.1f}', f'{1000 * bs / base_ms:.1f}', '1.00'])
+            for form in ('release', 'release-cl', 'train form', 'deploy'):
+                ms = eval_latency(name, form, bs, args.device, reps(bs))
+                rows.append([name, form, str(bs), f'{ms:.1f}', f'{1000 * bs / ms:.1f}', f'{ms / base_ms:.2f}'])
+                results['eval'].append(dict(model=name, form=form, batch=bs, ms=ms, baseline_ms=base_ms))
+    print('## Eval (224x224)\n\n' + _table(rows) + '\n')
+
+    rows = [['model', 'form', 'batch', 'ms / step', 'x baseline', 'step memory MB', 'x baseline']]
+    for name in args.models:
+        base = BASELINES[name]
+        for bs in args.train_batches:
+            b = train_step(base, 'train form', bs, args.device, reps(bs))
+            rows.append([base, 'baseline', str(bs), f'{b["ms"]:.0f}', '1.00', f'{b["peak_mb"]:.0f}', '1.00'])
+            forms = ('train form',) if args.skip_release_train else ('release', 'release-cl', 'train form')
+            for form in forms:
+                r = train_step(name, form, bs, args.device, min(reps(bs), 3) if form.startswith('release') else reps(bs))
+                rows.append([name, form, str(bs), f'{r["ms"]:.0f}', f'{r["ms"] / b["ms"]:.2f}', f'{r["peak_mb"]:.0f}',
+                             f'{r["peak_mb"] / b["peak_mb"]:.2f}'])
+                results['train'].append(dict(model=name, form=form, batch=bs, **r, baseline=b))
+    print('## Train step (forward + backward + AdamW, 224x224)\n\n' + _table(rows) + '\n')
+
+    rows = [['large kernel (bs 16)', 'forward GFLOP/s', 'fwd+bwd GFLOP/s', 'PyTorch fwd+bwd GFLOP/s', 'matmul GFLOP/s']]
+    for r in large_kernel_gflops(args.device):
+        rows.append([r['shape'], f'{r["fwd_gflops"]:.0f}', f'{r["train_gflops"]:.0f}', f'{r["torch_train_gflops"]:.0f}',
+                     f'{r["matmul_gflops"]:.0f}'])
+        results['large_kernel'].append(r)
+    print('## Large-kernel depthwise conv vs matmul\n\n' + _table(rows))
+
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
