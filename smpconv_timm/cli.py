@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=224, help='input height = width (default 224)')
     p.add_argument('--batch-size', type=int, default=1)
     p.set_defaults(func=_flops)
+
+    from .hub import add_subcommands as add_hub_subcommands
+    add_hub_subcommands(sub)  # convert, publish
     return parser
 
 

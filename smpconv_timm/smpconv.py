@@ -28,6 +28,7 @@ from timm.models._manipulate import named_apply, reparameterize_model
 from .checkpoint import HF_HUB_NAMESPACE, load_checkpoint_file, select_state_dict
 from .dwconv import depthwise_conv2d
 from .fastpath import FusedConv, cached_plan, drop_plan, inference_path
+from .hub import hub_errors
 from .recompute import bn_gelu_conv, recompute_applies
 
 torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
@@ -779,10 +780,11 @@ def _train_to_deploy_state_dict(state_dict: Dict[str, torch.Tensor], model: 'SMP
 def _create_smpconv(variant: str, pretrained: bool = False, **kwargs) -> SMPConvNet:
     pretrained_ema = kwargs.pop('pretrained_ema', True)
     from_file = False
+    cfg = None
     if pretrained:
-        # read a local checkpoint file here: clear errors for missing / corrupt files, EMA or raw weights
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-        if cfg.file and not cfg.state_dict and cfg.source != 'hf-hub':
+        if cfg.file and not cfg.state_dict and cfg.source not in ('hf-hub', 'local-dir'):
+            # read a local checkpoint file here: clear errors for missing / corrupt files, EMA or raw weights
             from_file = True
             overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
             overlay['state_dict'] = load_checkpoint_file(cfg.file, use_ema=pretrained_ema)
@@ -791,14 +793,15 @@ def _create_smpconv(variant: str, pretrained: bool = False, **kwargs) -> SMPConv
             raise ValueError(
                 'pretrained_ema=False needs a release-format checkpoint file (pretrained_cfg_overlay=dict(file=...)): '
                 'published weights hold only the EMA weights')
-    model = build_model_with_cfg(
-        SMPConvNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **kwargs,
-    )
+    with hub_errors(cfg, cache_dir=kwargs.get('cache_dir')):  # Hub downloads: errors that say what was tried
+        model = build_model_with_cfg(
+            SMPConvNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+            **kwargs,
+        )
     if from_file:
         for m in (model, getattr(model, 'model', None)):
             if isinstance(getattr(m, 'pretrained_cfg', None), dict):
