@@ -6,3 +6,7 @@ from .smpconv import SMPConvNet, checkpoint_filter_fn, smpconv_b, smpconv_t
 __version__ = '0.1.0'
 
 MODEL_NAMES = ('smpconv_t', 'smpconv_b')
+
+# Imported by timm's train.py as a device module (`device_modules: [smpconv_timm]`), this checks the running
+# config and stops the run, before any data is read, on keys train.py would silently ignore. A no-op elsewhere.
+from . import train_check  # noqa: E402  (after the models are registered: it checks the model name)
