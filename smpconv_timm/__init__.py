@@ -1,5 +1,5 @@
 """SMPConv image models for timm: ``import smpconv_timm`` registers ``smpconv_t`` and ``smpconv_b``."""
-from .checkpoint import HF_HUB_NAMESPACE, load_checkpoint_file, select_state_dict
+from .checkpoint import HF_HUB_NAMESPACE, CheckpointError, load_checkpoint_file, select_state_dict
 from .layers import RADIUS_LR_SCALE, RADIUS_MAX, RADIUS_MIN, SMPConv2d, clamp_radii_, smp_kernel
 from .smpconv import SMPConvNet, checkpoint_filter_fn, smpconv_b, smpconv_t
 

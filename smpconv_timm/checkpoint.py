@@ -6,12 +6,18 @@ from typing import Any, Dict, Union
 import torch
 from timm.models import load_state_dict
 
-__all__ = ['HF_HUB_NAMESPACE', 'load_checkpoint_file', 'select_state_dict']
+__all__ = ['HF_HUB_NAMESPACE', 'CheckpointError', 'load_checkpoint_file', 'select_state_dict']
 
 #: Hugging Face Hub namespace (user or organisation) that serves the pretrained weights:
 #: ``<namespace>/smpconv_t.in1k``. Forks and mirrors override it with the ``SMPCONV_HF_NAMESPACE``
 #: environment variable, read when ``smpconv_timm`` is imported.
 HF_HUB_NAMESPACE = os.environ.get('SMPCONV_HF_NAMESPACE', 'smpconv-timm')
+
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; raised before anything is loaded."""
+
 
 _EMA_KEYS = ('state_dict_ema', 'model_ema')
 _RAW_KEYS = ('state_dict', 'model')
@@ -24,14 +30,14 @@ def select_state_dict(checkpoint: Dict[str, Any], use_ema: bool = True) -> Dict[
     state dict and is returned as is.
     """
     if not isinstance(checkpoint, dict):
-        raise ValueError(f'a checkpoint must be a dict of tensors, got {type(checkpoint).__name__}')
+        raise CheckpointError(f'a checkpoint must be a dict of tensors, got {type(checkpoint).__name__}')
     wrappers = [k for k in _EMA_KEYS + _RAW_KEYS if isinstance(checkpoint.get(k), dict)]
     if not wrappers:
         return checkpoint
     for key in (_EMA_KEYS if use_ema else ()) + _RAW_KEYS:
         if key in wrappers:
             return checkpoint[key]
-    raise ValueError(
+    raise CheckpointError(
         f'the checkpoint holds only EMA weights ({", ".join(wrappers)}), no raw ones (state_dict / model)')
 
 
@@ -48,11 +54,11 @@ def load_checkpoint_file(path: Union[str, os.PathLike], use_ema: bool = True) ->
         # timm's loader: weights_only torch.load or safetensors, picks EMA / raw, strips `module.`
         state_dict = load_state_dict(path, use_ema=use_ema)
     except pickle.UnpicklingError as e:
-        raise ValueError(f'cannot read checkpoint {path}: {e}') from e
+        raise CheckpointError(f'cannot read checkpoint {path}: {e}') from e
     except Exception as e:  # zip / pickle / safetensors readers raise many types for a damaged file
-        raise ValueError(
+        raise CheckpointError(
             f'cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch / safetensors '
             f'checkpoint ({type(e).__name__}: {e})') from e
     if not use_ema and any(k in state_dict for k in _EMA_KEYS):
-        raise ValueError(f'checkpoint {path} holds only EMA weights, no raw ones (state_dict / model)')
+        raise CheckpointError(f'checkpoint {path} holds only EMA weights, no raw ones (state_dict / model)')
     return state_dict

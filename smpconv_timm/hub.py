@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from .checkpoint import HF_HUB_NAMESPACE, load_checkpoint_file
+from .checkpoint import HF_HUB_NAMESPACE, CheckpointError, load_checkpoint_file
 
 __all__ = [
     'HUB_FILES', 'PAPER_TOP1', 'PretrainedWeightsError', 'HubFolder', 'recognise_variant', 'build_hub_folder',
@@ -611,7 +611,7 @@ def hub_errors(pretrained_cfg: Any, cache_dir: Optional[Union[str, os.PathLike]]
     ``pretrained_cfg`` is the resolved pretrained config (``PretrainedCfg`` or dict) or None; only loads that
     timm sends to the Hugging Face Hub are affected. Raises ``PretrainedWeightsError`` (an OSError) naming the
     repo, revision, endpoint, files tried and cache, and how to load a local file instead; adds the repo to a
-    ValueError raised by the checkpoint filter (e.g. weights of another architecture).
+    CheckpointError raised by the checkpoint filter (e.g. weights of another architecture).
     """
     location = _hub_location(pretrained_cfg)
     if location is None:
@@ -643,8 +643,8 @@ def hub_errors(pretrained_cfg: Any, cache_dir: Optional[Union[str, os.PathLike]]
         damaged = _check_cache(repo_id, revision, files, cache)
         if damaged:
             raise error(damaged) from e
-        if isinstance(e, ValueError) and str(e).startswith('checkpoint'):  # checkpoint_filter_fn's findings
-            raise ValueError(f'{e} (weights from {constants.ENDPOINT}/{repo_id})') from e
+        if isinstance(e, CheckpointError):  # checkpoint_filter_fn's findings: the download itself was fine
+            raise CheckpointError(f'{e} (weights from {constants.ENDPOINT}/{repo_id})') from e
         problem = _download_problem(e, revision)
         if problem is None:
             raise

@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 from timm.models._manipulate import named_apply, reparameterize_model
 
-from .checkpoint import HF_HUB_NAMESPACE, load_checkpoint_file, select_state_dict
+from .checkpoint import HF_HUB_NAMESPACE, CheckpointError, load_checkpoint_file, select_state_dict
 from .dwconv import depthwise_conv2d
 from .fastpath import FusedConv, cached_plan, drop_plan, inference_path
 from .hub import hub_errors
@@ -680,14 +680,14 @@ def checkpoint_filter_fn(
 
     Accepts a raw state dict, ``{'model', 'model_ema', ...}`` (the authors' trainer), ``{'state_dict',
     'state_dict_ema', ...}`` (timm's CheckpointSaver), with or without DDP ``module.`` prefixes. EMA weights
-    are picked when present unless ``use_ema=False``. Raises ValueError naming the offending keys for another
-    architecture, missing, unexpected or mis-shaped tensors, and non-finite values.
+    are picked when present unless ``use_ema=False``. Raises CheckpointError (a ValueError) naming the offending
+    keys for another architecture, missing, unexpected or mis-shaped tensors, and non-finite values.
     """
     state_dict = clean_state_dict(select_state_dict(state_dict, use_ema))
     out, grids = {}, {}
     for k, v in state_dict.items():
         if not torch.is_tensor(v):
-            raise ValueError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor')
+            raise CheckpointError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor')
         k = _remap_release_key(k)
         if k.endswith('.kernel_coord'):
             grids[k] = v  # the release stores its sampling grid; it is computed here, so only checked
@@ -698,7 +698,7 @@ def checkpoint_filter_fn(
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
     ckpt_arch, model_arch = _describe_arch(out), _describe_arch(own)
     if ckpt_arch != model_arch and ckpt_arch is not None:
-        raise ValueError(
+        raise CheckpointError(
             f'checkpoint is for another architecture: depths {ckpt_arch[0]}, dims {ckpt_arch[1]} '
             f'({_known_arch_name(ckpt_arch)}); the model {name} has depths {model_arch[0]}, dims {model_arch[1]}')
 
@@ -707,7 +707,7 @@ def checkpoint_filter_fn(
     if model.is_deploy and not ckpt_deploy:
         out = _train_to_deploy_state_dict(out, model)
     elif ckpt_deploy and not model.is_deploy:
-        raise ValueError(
+        raise CheckpointError(
             f'checkpoint is in deploy form (reparameterized, no SMP points): create the model with '
             f'deploy=True to load it; a train-form {name} cannot be recovered from it')
 
@@ -726,10 +726,10 @@ def checkpoint_filter_fn(
     if shapes:
         problems.append(f'shape mismatch: {"; ".join(shapes)}')
     if problems:
-        raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
+        raise CheckpointError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
     bad = [k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f'checkpoint holds non-finite values (NaN/Inf) in: {", ".join(bad)}')
+        raise CheckpointError(f'checkpoint holds non-finite values (NaN/Inf) in: {", ".join(bad)}')
     return out
 
 
@@ -742,12 +742,12 @@ def _check_grids(grids: Dict[str, torch.Tensor], model: nn.Module) -> None:
             continue  # reported as an unexpected layer by the key checks
         k = layer.kernel_size
         if grid.shape != (1, 2, k, k):
-            raise ValueError(
+            raise CheckpointError(
                 f'{key}: the checkpoint samples a {tuple(grid.shape[-2:])} kernel, the model a {k}x{k} one')
         u = torch.linspace(-1., 1., k)
         expect = torch.stack(torch.meshgrid(u, u, indexing='ij'))[None]
         if not torch.allclose(grid.float(), expect, atol=1e-6):
-            raise ValueError(f'{key}: the checkpoint grid is not linspace(-1, 1, {k}); this model cannot load it')
+            raise CheckpointError(f'{key}: the checkpoint grid is not linspace(-1, 1, {k}); this model cannot load it')
 
 
 def _known_arch_name(arch: Tuple[tuple, tuple]) -> str:

@@ -377,7 +377,7 @@ def test_weights_of_another_architecture_are_named(folder_b, local_hub, fresh_ca
     # at download: SMPConv-B weights in a repo smpconv_t reads
     local_hub.add_repo('mixup/smpconv_t.in1k', {
         'model.safetensors': (folder_b.path / 'model.safetensors').read_bytes()})
-    with pytest.raises(ValueError, match=r'(?s)another architecture.*smpconv_b.*the model smpconv_t.*mixup/smpconv_t'):
+    with pytest.raises(smpconv_timm.CheckpointError, match=r'(?s)another architecture.*smpconv_b.*the model smpconv_t.*mixup/smpconv_t'):
         timm.create_model('smpconv_t', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='mixup/smpconv_t.in1k'))
 
     # at conversion: B asked to be T, refused before anything is written
