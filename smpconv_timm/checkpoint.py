@@ -1,7 +1,7 @@
 """Reading checkpoint files: the authors' release layouts and timm's, with errors that name the problem."""
 import os
 import pickle
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from timm.models import load_state_dict
@@ -14,7 +14,6 @@ __all__ = ['HF_HUB_NAMESPACE', 'CheckpointError', 'load_checkpoint_file', 'selec
 HF_HUB_NAMESPACE = os.environ.get('SMPCONV_HF_NAMESPACE', 'smpconv-timm')
 
 
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; raised before anything is loaded."""
 
@@ -23,22 +22,31 @@ _EMA_KEYS = ('state_dict_ema', 'model_ema')
 _RAW_KEYS = ('state_dict', 'model')
 
 
-def select_state_dict(checkpoint: Dict[str, Any], use_ema: bool = True) -> Dict[str, Any]:
-    """The weights inside a training checkpoint: EMA ones when present and ``use_ema``, else the raw ones.
-
-    A dict that holds none of ``state_dict_ema``, ``model_ema``, ``state_dict``, ``model`` is already a
-    state dict and is returned as is.
+def weights_key(checkpoint: Dict[str, Any], use_ema: bool = True) -> Optional[str]:
+    """The entry of a training checkpoint that holds its weights: an EMA one when present and ``use_ema``,
+    else the raw one; None when the dict holds none of ``state_dict_ema``, ``model_ema``, ``state_dict``,
+    ``model`` (it is already a state dict).
     """
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'a checkpoint must be a dict of tensors, got {type(checkpoint).__name__}')
     wrappers = [k for k in _EMA_KEYS + _RAW_KEYS if isinstance(checkpoint.get(k), dict)]
     if not wrappers:
-        return checkpoint
+        return None
     for key in (_EMA_KEYS if use_ema else ()) + _RAW_KEYS:
         if key in wrappers:
-            return checkpoint[key]
+            return key
     raise CheckpointError(
         f'the checkpoint holds only EMA weights ({", ".join(wrappers)}), no raw ones (state_dict / model)')
+
+
+def is_ema_key(key: Optional[str]) -> bool:
+    return key in _EMA_KEYS
+
+
+def select_state_dict(checkpoint: Dict[str, Any], use_ema: bool = True) -> Dict[str, Any]:
+    """The weights inside a training checkpoint (see ``weights_key``); a plain state dict is returned as is."""
+    key = weights_key(checkpoint, use_ema)
+    return checkpoint if key is None else checkpoint[key]
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike], use_ema: bool = True) -> Dict[str, torch.Tensor]:

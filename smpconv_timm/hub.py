@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from .checkpoint import HF_HUB_NAMESPACE, CheckpointError, load_checkpoint_file
+from .checkpoint import HF_HUB_NAMESPACE, CheckpointError, is_ema_key, load_checkpoint_file, weights_key
 
 __all__ = [
     'HUB_FILES', 'PAPER_TOP1', 'PretrainedWeightsError', 'HubFolder', 'recognise_variant', 'build_hub_folder',
@@ -127,13 +127,10 @@ def _weight_set(path: Path, use_ema: bool) -> str:
         ckpt = _torch_load(str(path), map_location='cpu', weights_only=True, mmap=True)
     except Exception:  # mmap needs the zip format; the file itself was already read once successfully
         ckpt = _torch_load(str(path), map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict):
+    key = weights_key(ckpt, use_ema) if isinstance(ckpt, dict) else None
+    if key is None:
         return 'as stored'
-    if use_ema and any(isinstance(ckpt.get(k), dict) for k in ('state_dict_ema', 'model_ema')):
-        return 'EMA'
-    if any(isinstance(ckpt.get(k), dict) for k in ('state_dict', 'model')):
-        return 'raw'
-    return 'as stored'
+    return 'EMA' if is_ema_key(key) else 'raw'
 
 
 def _sha256(path: Path) -> str:
