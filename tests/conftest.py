@@ -1,6 +1,8 @@
-"""Shared fixtures: the authors' golden data (read from ../shared at run time) and release-format checkpoints."""
-import importlib.util
-import os
+"""Shared fixtures: the authors' golden data (vendored in tests/data/golden/) and release-format checkpoints.
+
+The golden logits were computed by the authors' code on deterministic weights and input; ``golden_weights`` (this
+project's own generator, checked bit for bit against the authors' in ``test_vendored_data.py``) rebuilds them.
+"""
 import warnings
 from pathlib import Path
 
@@ -8,34 +10,25 @@ import numpy as np
 import pytest
 import torch
 
+import golden_weights
 import smpconv_timm  # noqa: F401  (registers the models)
 
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*is deprecated', category=FutureWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get('SMPCONV_SHARED', ROOT.parent / 'shared')) / 'reference' / 'golden'
-
-
-def _golden_dir() -> Path:
-    if (GOLDEN / 'make_weights.py').is_file():
-        return GOLDEN
-    reason = f'golden reference data not found at {GOLDEN} (set SMPCONV_SHARED to the folder holding reference/)'
-    if os.environ.get('CI', '').lower() == 'true':
-        pytest.fail(reason + ': required under CI')
-    pytest.skip(reason)
+GOLDEN = ROOT / 'tests' / 'data' / 'golden'
 
 
 @pytest.fixture(scope='session')
 def golden_dir() -> Path:
-    return _golden_dir()
+    """The vendored golden data: the release's manifests and the reference outputs."""
+    return GOLDEN
 
 
 @pytest.fixture(scope='session')
-def make_weights(golden_dir):
-    spec = importlib.util.spec_from_file_location('make_weights', golden_dir / 'make_weights.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def make_weights():
+    """The weight and input generator of the golden data (``make_state_dict``, ``make_input``)."""
+    return golden_weights
 
 
 @pytest.fixture(scope='session')

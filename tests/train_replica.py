@@ -1,38 +1,32 @@
 """timm train.py's argument handling, rebuilt from its recorded interface (not a test module).
 
-``../shared/reference/timm_train_args.json`` records every argparse destination of timm's train.py with
-its flags, default, nargs and type. ``build_parsers`` rebuilds train.py's two parsers from it and
-``parse_train_args`` replays train.py's ``_parse_args``: the ``-c/--config`` parser first, the YAML
-mapping through ``parser.set_defaults(**cfg)``, then the main parser on the remaining command line. Tests
-read what train.py would run with from the Namespace this returns, without train.py (it is not in the
-timm wheel) and without reading data.
+``tests/data/timm_train_args.json`` records every argparse destination of timm's train.py with its flags,
+default, nargs and type (``tests/data/regen_train_args.py`` regenerates it from a timm checkout's train.py).
+``build_parsers`` rebuilds train.py's two parsers from it and ``parse_train_args`` replays train.py's
+``_parse_args``: the ``-c/--config`` parser first, the YAML mapping through ``parser.set_defaults(**cfg)``, then
+the main parser on the remaining command line. Tests read what train.py would run with from the Namespace this
+returns, without train.py (it is not in the timm wheel) and without reading data.
 """
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import pytest
 import yaml
 from timm.utils import ParseKwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'train_configs'
-TRAIN_ARGS_JSON = Path(os.environ.get('SMPCONV_SHARED', ROOT.parent / 'shared')) / 'reference' / 'timm_train_args.json'
+TRAIN_ARGS_JSON = ROOT / 'tests' / 'data' / 'timm_train_args.json'
 
 _TYPES = {'int': int, 'float': float, 'str': str, None: None}
 
 
 def train_args_json() -> Path:
-    """The recorded train.py interface; skip without it, fail under CI (like the golden data)."""
-    if TRAIN_ARGS_JSON.is_file():
-        return TRAIN_ARGS_JSON
-    reason = (f'timm train.py interface not found at {TRAIN_ARGS_JSON} '
-              f'(set SMPCONV_SHARED to the folder holding reference/)')
-    if os.environ.get('CI', '').lower() == 'true':
-        pytest.fail(reason + ': required under CI')
-    pytest.skip(reason)
+    """The recorded train.py interface (vendored test data)."""
+    if not TRAIN_ARGS_JSON.is_file():
+        raise FileNotFoundError(f'timm train.py interface missing: {TRAIN_ARGS_JSON}')
+    return TRAIN_ARGS_JSON
 
 
 def load_args(path) -> dict:
