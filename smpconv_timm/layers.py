@@ -14,10 +14,16 @@ rounding of ``linspace``). As in the authors' release there is no 1 / |N| normal
 
 Radii live in [1e-3, 1]. After every ``torch.optim.Optimizer.step()`` that updates a radius, the radius is
 clamped in place, under any training loop (timm's train.py, Lightning, a hand-written loop), without the
-loop calling anything. The same global optimizer hooks apply the paper's learning-rate ratio for radii:
-a radius moves by ``radius_lr_scale`` (default 0.1) times the step its optimizer computed, which for
-optimizers whose update is linear in the learning rate (SGD, Adam, AdamW, ...) is exactly a 0.1x
-learning rate. A param group may set ``'radius_lr_scale'`` to override it (1.0 turns it off).
+loop calling anything.
+
+Radius learning rate, the one rule: the paper trains radii at 0.1x the learning rate. timm's
+``create_optimizer_v2`` (what train.py calls) has no per-parameter learning rate and puts radii in groups
+with other parameters, so in a param group that holds radii AND other parameters, each radius moves by
+``RADIUS_LR_SCALE`` (0.1) times the step its optimizer computed (global optimizer step hooks; for optimizers
+whose update is linear in the learning rate, such as SGD, Adam and AdamW without weight decay on radii, this
+is exactly a 0.1x learning rate). A param group that holds radii alone was built for them by the user (as
+the authors' code does, at 0.1x the lr): it keeps exactly the lr it was given, with no second scaling. A
+group's ``'radius_lr_scale'`` entry overrides both (1.0 turns the scaling off).
 """
 import math
 import weakref
@@ -26,14 +32,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-try:
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
-except ImportError:  # torch < 2.5
-    from torch.fx._symbolic_trace import is_fx_tracing
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from timm.layers import register_notrace_module, trunc_normal_
 
 from .dwconv import depthwise_conv2d
+from .runtime import TransientCaches, autocast_dtype, is_fx_tracing, is_tracing
 
 torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
 
@@ -49,7 +52,8 @@ def smp_kernel(weight_coord: torch.Tensor, radius: torch.Tensor, weights: torch.
     coord = weight_coord[0]
     # The release samples a float32 linspace buffer and flips rows; -u[i] is u[k-1-i] only up to rounding
     # (float32 linspace is not exactly symmetric), so build the grid the same way to be bit-exact.
-    u = torch.linspace(-1., 1., kernel_size, dtype=torch.float32, device=coord.device).to(coord.dtype)
+    # (built on the CPU and moved with .to(coord): traced by torch.fx as a constant, which torch 2.4 needs)
+    u = torch.linspace(-1., 1., kernel_size, dtype=torch.float32).to(coord)
     dist_x = (coord[:, 0:1] - u).abs()  # (P, k) along columns j
     dist_y = (coord[:, 1:2] - u.flip(0)).abs()  # (P, k) along rows i, y measured upward
     dist = dist_y[:, :, None] + dist_x[:, None, :]  # (P, k, k) L1 distance of point p to tap (i, j)
@@ -59,7 +63,7 @@ def smp_kernel(weight_coord: torch.Tensor, radius: torch.Tensor, weights: torch.
 
 
 @register_notrace_module  # a leaf for torch.fx: the kernel cache below is eager-only logic
-class SMPConv2d(nn.Module):
+class SMPConv2d(TransientCaches, nn.Module):
     """Depthwise conv with a continuous kernel of self-moving points; a drop-in for a depthwise nn.Conv2d.
 
     Args:
@@ -95,9 +99,10 @@ class SMPConv2d(nn.Module):
         self.radius = nn.Parameter(torch.empty(1, self.n_points, 1, 1, **dd))
         self.weights = nn.Parameter(torch.empty(1, channels, self.n_points, **dd))
         self.bias = nn.Parameter(torch.zeros(channels, **dd)) if bias else None
-        self._kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.reset_parameters()
         _LIVE_LAYERS.add(self)
+
+    _kernel_cache: Optional[Tuple[tuple, torch.Tensor]] = None  # inference only; never copied, pickled or saved
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.weight_coord, std=0.2, a=-1., b=1.)
@@ -120,7 +125,7 @@ class SMPConv2d(nn.Module):
         Always in the parameters' dtype: under autocast, the conv that uses it casts it.
         """
         k = kernel_size or self.kernel_size
-        if _is_tracing():  # traced graphs record the plain computation
+        if is_tracing() or autocast_dtype(self.weights.device.type) is None:  # traced graphs: the plain computation
             return smp_kernel(self.weight_coord, self.radius, self.weights, k)
         with torch.autocast(self.weights.device.type, enabled=False):
             return smp_kernel(self.weight_coord, self.radius, self.weights, k)
@@ -129,7 +134,7 @@ class SMPConv2d(nn.Module):
         params = (self.weight_coord, self.radius, self.weights)
         if (
                 self.training
-                or _is_tracing()
+                or is_tracing()
                 or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         ):
             return self.make_kernel()
@@ -140,18 +145,18 @@ class SMPConv2d(nn.Module):
         return self._kernel_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not is_fx_tracing() and (x.ndim != 4 or x.shape[1] != self.channels):
-            raise ValueError(f'SMPConv2d({self.channels}) expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}')
+        if not is_fx_tracing():
+            if x.ndim != 4 or x.shape[1] != self.channels:
+                raise ValueError(
+                    f'SMPConv2d({self.channels}) expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}')
+            if not x.is_floating_point():
+                raise TypeError(f'SMPConv2d expects a floating-point input, got dtype {x.dtype}')
         return depthwise_conv2d(x, self._kernel(), self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         s = f'{self.channels}, kernel_size={self.kernel_size}, n_points={self.n_points}, stride={self.stride}'
         s += f', padding={self.padding}'
         return s + (', bias=True' if self.bias is not None else '')
-
-
-def _is_tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +172,10 @@ def _radii_in(optimizer: torch.optim.Optimizer) -> Iterator[Tuple[torch.Tensor, 
     if not radii:
         return
     for group in optimizer.param_groups:
-        scale = float(group.get('radius_lr_scale', RADIUS_LR_SCALE))
+        scale = group.get('radius_lr_scale')
+        if scale is None:  # the rule of the module docstring: radii alone keep the group's lr as given
+            scale = 1. if all(id(p) in radii for p in group['params']) else RADIUS_LR_SCALE
+        scale = float(scale)
         for p in group['params']:
             if id(p) in radii:
                 yield p, scale

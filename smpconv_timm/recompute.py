@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fastpath import fast_paths_enabled
+from .runtime import autocast_dtype, is_tracing
 
 __all__ = ['bn_gelu_conv', 'recompute_applies']
 
@@ -20,10 +21,11 @@ __all__ = ['bn_gelu_conv', 'recompute_applies']
 def recompute_applies(bn: nn.Module, x: torch.Tensor) -> bool:
     """Plain ``nn.BatchNorm2d`` in training with autograd on, eager, no autocast (SyncBatchNorm and
     AMP take the plain modules)."""
+    if is_tracing():  # traced graphs record the plain modules (x may be an fx Proxy here)
+        return False
     return (
         fast_paths_enabled() and type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
-        and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x.device.type)
+        and torch.is_grad_enabled() and autocast_dtype(x.device.type) is None
     )
 
 

@@ -124,7 +124,7 @@ def _model_problem(key: str, name: Any) -> Optional[str]:
     if not isinstance(name, str) or not name:
         return f'{key!r}: {name!r} is no model name'
     from timm.models import is_model, list_models
-    from timm.models._factory import parse_model_name
+    from timm.models import parse_model_name
     source, arch = parse_model_name(name)
     if source is not None:
         return None  # hf-hub: / local-dir: models are resolved by timm at create time

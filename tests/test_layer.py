@@ -4,6 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from smpconv_timm import RADIUS_MAX, RADIUS_MIN, SMPConv2d, smp_kernel
@@ -188,21 +189,39 @@ def test_radius_moves_at_a_tenth_of_the_learning_rate():
     layer = SMPConv2d(3, 7)
     twin = copy.deepcopy(layer)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.)
-    # the reference: explicit param groups with the radius at 0.1x lr, hooks told not to scale again
+    # the reference: the authors' own param groups, the radii alone at 0.1x lr (kept as given, no second scaling)
     ref = torch.optim.AdamW([
         {'params': [twin.weight_coord, twin.weights]},
-        {'params': [twin.radius], 'lr': 1e-4, 'radius_lr_scale': 1.},
+        {'params': [twin.radius], 'lr': 1e-4},
     ], lr=1e-3, weight_decay=0.)
+    # and an optimizer the hooks cannot know: a plain tensor with the radius' values and gradients, at 1e-4
+    plain = nn.Parameter(twin.radius.detach().clone())
+    ref_plain = torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.)
     x = torch.randn(2, 3, 9, 9)
     for _ in range(3):
         for m, o in ((layer, opt), (twin, ref)):
             o.zero_grad()
             m(x).square().mean().backward()
             o.step()
+        plain.grad = twin.radius.grad.clone()
+        ref_plain.step()
     before = SMPConv2d(3, 7).radius  # fresh init value 4 / 7
     assert not torch.allclose(layer.radius, before)
+    torch.testing.assert_close(twin.radius, plain, rtol=0, atol=1e-7)
     torch.testing.assert_close(layer.radius, twin.radius, rtol=0, atol=1e-7)
     torch.testing.assert_close(layer.weights, twin.weights)
+
+
+def test_radius_lr_scale_entry_overrides_the_rule():
+    layer = SMPConv2d(3, 7)
+    start = layer.radius.detach().clone()
+    layer.radius.grad = torch.ones_like(layer.radius)
+    torch.optim.SGD([{'params': [layer.radius], 'radius_lr_scale': 0.5}], lr=0.01).step()
+    torch.testing.assert_close(layer.radius, start - 0.005)
+    layer.radius.grad = torch.ones_like(layer.radius)
+    layer.weights.grad = torch.zeros_like(layer.weights)
+    torch.optim.SGD([layer.radius, layer.weights], lr=0.01).step()  # mixed group: 0.1x
+    torch.testing.assert_close(layer.radius, start - 0.005 - 0.001)
 
 
 def test_deepcopied_layers_are_clamped_too():

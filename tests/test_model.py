@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
-from smpconv_timm import SMPConv2d, checkpoint_filter_fn
+from smpconv_timm import VARIANTS, SMPConv2d, checkpoint_filter_fn
 from smpconv_timm.flops import resolve_model_name
 
-from conftest import golden_tolerance, release_state_dict
+from golden_fixtures import golden_tolerance, release_state_dict
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 
@@ -53,8 +53,7 @@ def test_param_counts_match_the_release(golden_dir, variant, params):
 
 
 def test_every_release_layout_loads_the_same_weights(make_weights, golden_dir):
-    model = timm.create_model('smpconv_t', **dict(TINY, depths=(2, 2, 8, 2), dims=(96, 192, 384, 768),
-                                                  kernel_sizes=(31, 29, 27, 13)))
+    model = timm.create_model('smpconv_t', **VARIANTS['smpconv_t'].arch_args)
     ema = release_state_dict(make_weights, golden_dir, 't', '')
     raw = release_state_dict(make_weights, golden_dir, 't', 'model')
     expect_ema = checkpoint_filter_fn(ema, model)
@@ -176,6 +175,18 @@ def test_wrong_input_channels_is_a_clear_error():
     model = timm.create_model('smpconv_t', **TINY)
     with pytest.raises(ValueError, match=r'built for 3-channel images .*shape \(1, 4, 32, 32\)'):
         model(torch.randn(1, 4, 32, 32))
+
+
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int64, torch.bool, torch.complex64])
+def test_non_float_input_is_a_type_error_naming_the_dtype(dtype):
+    x = torch.zeros(1, 3, 32, 32, dtype=dtype)
+    model = timm.create_model('smpconv_t', **TINY)
+    for mode in (model.train, model.eval):
+        mode()
+        with pytest.raises(TypeError, match=f'floating-point images, got dtype {dtype}'):
+            model(x)
+    with pytest.raises(TypeError, match=f'floating-point input, got dtype {dtype}'):
+        SMPConv2d(3, 5)(x)
 
 
 def test_unknown_model_names_list_the_smpconv_models():

@@ -1,0 +1,47 @@
+"""What the running code may rely on: tracing / compiling, autocast, and eager-only caches.
+
+One predicate, ``is_tracing()``, decides where eager-only logic (kernel caches, fused inference calls, the
+training recomputation, per-shape algorithm choices) steps aside so that a traced or compiled graph records the
+plain computation. ``TransientCaches`` keeps those caches out of copies, pickles and state dicts.
+"""
+from typing import Any, Dict
+
+import torch
+
+from ._compat import is_fx_symbolic_tracing as _is_fx_tracing
+
+__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'TransientCaches', 'CACHE_ATTRS']
+
+
+def is_fx_tracing() -> bool:
+    """True inside ``torch.fx`` symbolic tracing, where tensors are Proxies without values or shapes."""
+    return _is_fx_tracing()
+
+
+def is_tracing() -> bool:
+    """True under ``torch.jit.trace``, ``torch.compile`` / ``torch.export`` (dynamo) or ``torch.fx`` tracing."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_fx_tracing()
+
+
+def autocast_dtype(device_type: str):
+    """The autocast dtype where autocast is on for ``device_type``, else None (also for devices without autocast,
+    such as ``meta``)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:  # no autocast for this device type
+        return None
+
+
+#: Instance attributes that hold eager inference caches (tensors derived from parameters, oneDNN-packed weights).
+CACHE_ATTRS = ('_kernel_cache', '_fast_plan')
+
+
+class TransientCaches:
+    """Mixin for ``nn.Module``s with eager caches in ``CACHE_ATTRS``: ``copy.deepcopy``, ``pickle`` / ``torch.save``
+    never see them (a copy rebuilds its own on first use), and they are never in a state dict (plain attributes)."""
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(super().__getstate__())
+        for name in CACHE_ATTRS:
+            state.pop(name, None)
+        return state
