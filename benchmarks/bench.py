@@ -12,6 +12,12 @@ Rows per model:
   inference path; training the FFT weight gradient and the FFN recomputation).
 - ``deploy``: ours after ``timm.utils.reparameterize_model`` (eval only).
 
+Precisions and modes (``--modes-only`` for just these): bf16 eval under ``torch.autocast`` and after
+``.to(torch.bfloat16)`` (deploy and train form, bs 1 and 16), the fp32 train step with NCHW model and input,
+the bf16-autocast train step, deploy eval at 224 after a first call at 160, and ``torch.compile``d eval
+(both models compiled); each timed alternately with the baseline in one process, median ratio of the rounds
+with its min-max spread.
+
 Eval: latency per batch (bs 1, 16, 224x224, median of repeats) and throughput. Train: one step of
 forward + backward + AdamW step (bs 8, 32), each model in a fresh process so that its peak memory is its
 own: peak resident memory (CPU) or peak allocated memory (CUDA) during the steps, minus what the process
@@ -20,6 +26,7 @@ The large-kernel table gives the achieved GFLOP/s of the stage-wise 31/29/27/13 
 against a 2048^3 matmul in the same process, the machine's practical limit.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -148,6 +155,93 @@ def large_kernel_gflops(device: str, batch: int = 16) -> List[Dict[str, float]]:
     return rows
 
 
+def _interleaved(fa, fb, device: str, reps: int):
+    """Per-round times of A and B run alternately (A, B, A, B, ...): medians and the spread of the ratios."""
+    for _ in range(2):
+        fa(), fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, times in ((fa, ta), (fb, tb)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(1000 * (time.perf_counter() - start))
+    ratios = sorted(a / b for a, b in zip(ta, tb))
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios), ratios[0], ratios[-1]
+
+
+def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> List[Dict]:
+    """Precisions and modes people use, each against the baseline under the same settings, in this process:
+    bf16 (autocast and ``.to(bfloat16)``) eval, NCHW and AMP train steps, input-size order, compiled eval."""
+    import timm
+    from timm.utils import reparameterize_model
+    configure('train form')
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    base = timm.create_model(BASELINES[name]).to(device).eval()
+    ours = timm.create_model(name).to(device).eval()
+    deploy = reparameterize_model(ours)
+    bf16 = torch.bfloat16
+    rows = []
+
+    def add(row, batch, fa, fb, n=reps):
+        a, b, r, lo, hi = _interleaved(fa, fb, device, n)
+        rows.append(dict(row=row, batch=batch, ms=a, baseline_ms=b, ratio=r, ratio_min=lo, ratio_max=hi))
+        print(f'  {row}, bs {batch}: {r:.2f}x ({lo:.2f}-{hi:.2f})', file=sys.stderr, flush=True)
+
+    def infer(model, x, autocast=False):
+        def fn():
+            with torch.no_grad(), torch.autocast(device, bf16, enabled=autocast):
+                model(x)
+        return fn
+
+    for bs in (1, 16):
+        x = torch.randn(bs, 3, 224, 224, device=device).contiguous(memory_format=cl)
+        for form, m in (('deploy', deploy), ('train form', ours)):
+            add(f'eval bf16 autocast, {form}', bs, infer(m, x, True), infer(base, x, True), max(2, reps // (bs // 8 + 1)))
+        b16, xb = copy.deepcopy(base).to(bf16), x.to(bf16)
+        for form, m in (('deploy', deploy), ('train form', ours)):
+            add(f'eval .to(bf16), {form}', bs, infer(copy.deepcopy(m).to(bf16), xb), infer(b16, xb),
+                max(2, reps // (bs // 8 + 1)))
+
+    def train_step(model, x, y, autocast=False):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def fn():
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device, bf16, enabled=autocast):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        return fn
+
+    x, y = torch.randn(8, 3, 224, 224, device=device), torch.randint(0, 1000, (8,), device=device)
+    t_ours, t_base = copy.deepcopy(ours), copy.deepcopy(base)
+    add('train step fp32, NCHW (model and input)', 8, train_step(t_ours, x, y), train_step(t_base, x, y), max(2, reps // 2))
+    xc = x.contiguous(memory_format=cl)
+    t_ours, t_base = t_ours.to(memory_format=cl), t_base.to(memory_format=cl)
+    add('train step bf16 autocast, channels-last', 8, train_step(t_ours, xc, y, True), train_step(t_base, xc, y, True),
+        max(2, reps // 2))
+    del t_ours, t_base
+
+    x224 = torch.randn(4, 3, 224, 224, device=device).contiguous(memory_format=cl)
+    x160 = torch.randn(4, 3, 160, 160, device=device).contiguous(memory_format=cl)
+    shifted = reparameterize_model(ours)
+    with torch.no_grad():
+        shifted(x160)  # a first call at another size: 224 must not run with weights packed for 160
+    add('eval fp32 deploy at 224 after a call at 160', 4, infer(shifted, x224), infer(base, x224))
+
+    if compile_eval:
+        x = torch.randn(16, 3, 224, 224, device=device).contiguous(memory_format=cl)
+        cbase = torch.compile(copy.deepcopy(base).to(memory_format=cl))
+        for form, m in (('deploy', deploy), ('train form', ours)):
+            cm = torch.compile(copy.deepcopy(m).to(memory_format=cl))
+            add(f'eval fp32 torch.compile, {form}', 16, infer(cm, x), infer(cbase, x), max(2, reps // 2))
+    return rows
+
+
 def _table(rows: List[List[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
@@ -162,6 +256,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--train-batches', type=int, nargs='+', default=[8, 32])
     parser.add_argument('--reps', type=int, default=5, help='timed repeats for bs <= 8; fewer for larger batches')
     parser.add_argument('--skip-release-train', action='store_true', help='skip the slow release-form train steps')
+    parser.add_argument('--skip-modes', action='store_true', help='skip the bf16 / NCHW / AMP / shape / compile rows')
+    parser.add_argument('--skip-compile', action='store_true', help='skip the torch.compile rows (slow to compile)')
+    parser.add_argument('--modes-only', action='store_true', help='only the bf16 / NCHW / AMP / shape / compile rows')
     parser.add_argument('--json', help='also write the results here')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -170,6 +267,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f'# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
           f'device {args.device}, {time.strftime("%Y-%m-%d")}\n')
     results = {'eval': [], 'train': [], 'large_kernel': []}
+    if args.modes_only:
+        args.eval_batches, args.train_batches = [], []
     reps = lambda bs: args.reps if bs <= 8 else max(2, args.reps // 2)
 
     rows = [['model', 'form', 'batch', 'ms / batch', 'img/s', 'x baseline']]
@@ -182,7 +281,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 ms = eval_latency(name, form, bs, args.device, reps(bs))
                 rows.append([name, form, str(bs), f'{ms:.1f}', f'{1000 * bs / ms:.1f}', f'{ms / base_ms:.2f}'])
                 results['eval'].append(dict(model=name, form=form, batch=bs, ms=ms, baseline_ms=base_ms))
-    print('## Eval (224x224)\n\n' + _table(rows) + '\n')
+    if len(rows) > 1:
+        print('## Eval (224x224)\n\n' + _table(rows) + '\n')
 
     rows = [['model', 'form', 'batch', 'ms / step', 'x baseline', 'step memory MB', 'x baseline']]
     for name in args.models:
@@ -196,14 +296,27 @@ def main(argv: Optional[List[str]] = None) -> None:
                 rows.append([name, form, str(bs), f'{r["ms"]:.0f}', f'{r["ms"] / b["ms"]:.2f}', f'{r["peak_mb"]:.0f}',
                              f'{r["peak_mb"] / b["peak_mb"]:.2f}'])
                 results['train'].append(dict(model=name, form=form, batch=bs, **r, baseline=b))
-    print('## Train step (forward + backward + AdamW, 224x224)\n\n' + _table(rows) + '\n')
+    if len(rows) > 1:
+        print('## Train step (forward + backward + AdamW, 224x224)\n\n' + _table(rows) + '\n')
 
     rows = [['large kernel (bs 16)', 'forward GFLOP/s', 'fwd+bwd GFLOP/s', 'PyTorch fwd+bwd GFLOP/s', 'matmul GFLOP/s']]
-    for r in large_kernel_gflops(args.device):
+    for r in ([] if args.modes_only else large_kernel_gflops(args.device)):
         rows.append([r['shape'], f'{r["fwd_gflops"]:.0f}', f'{r["train_gflops"]:.0f}', f'{r["torch_train_gflops"]:.0f}',
                      f'{r["matmul_gflops"]:.0f}'])
         results['large_kernel'].append(r)
-    print('## Large-kernel depthwise conv vs matmul\n\n' + _table(rows))
+    if len(rows) > 1:
+        print('## Large-kernel depthwise conv vs matmul\n\n' + _table(rows) + '\n')
+
+    if not args.skip_modes:
+        results['modes'] = []
+        rows = [['model', 'row', 'batch', 'ms', 'baseline ms', 'x baseline (min-max)']]
+        for name in args.models:
+            for r in mode_rows(name, args.device, args.reps, not args.skip_compile):
+                rows.append([name, r['row'], str(r['batch']), f'{r["ms"]:.1f}', f'{r["baseline_ms"]:.1f}',
+                             f'{r["ratio"]:.2f} ({r["ratio_min"]:.2f}-{r["ratio_max"]:.2f})'])
+                results['modes'].append(dict(model=name, **r))
+        print('## Precisions and modes (interleaved with the baseline in one process, median ratio of rounds)\n\n'
+              + _table(rows))
 
     if args.json:
         with open(args.json, 'w') as f:

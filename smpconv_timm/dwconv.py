@@ -22,6 +22,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .runtime import autocast_dtype, is_tracing
+
 __all__ = ['depthwise_conv2d', 'set_algorithms', 'get_algorithms', 'ALGORITHMS']
 
 ALGORITHMS = {
@@ -210,10 +212,10 @@ def depthwise_conv2d(
     work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, fx) see plain ``F.conv2d``,
     valid at every input size.
     """
-    if stride != 1 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if stride != 1 or is_tracing() or x.device.type == 'meta':
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
-    if torch.is_autocast_enabled(x.device.type):  # conv2d runs in the autocast dtype: cast once, as autocast would
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:  # conv2d runs in the autocast dtype: cast once, as autocast would
         with torch.autocast(x.device.type, enabled=False):
             return depthwise_conv2d(
                 x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding)

@@ -13,6 +13,7 @@ as plain ``conv2d`` + activation + add.
 ``recompute.py`` off: the model then runs its plain modules, op for op what the authors' code runs.
 """
 import os
+from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dwconv import _crop, depthwise_conv2d
-from .layers import _is_tracing
+from .runtime import autocast_dtype, is_tracing
 
 __all__ = ['FusedConv', 'inference_path', 'cached_plan', 'set_fast_paths', 'fast_paths_enabled']
 
@@ -51,10 +52,11 @@ _ACTS = {'none': lambda x: x, 'relu': F.relu, 'gelu': F.gelu}
 
 
 def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
-    """True where the fast path applies: eval mode, no autograd, no autocast, eager execution."""
-    if not _ENABLED or module.training or torch.is_grad_enabled():
+    """True where the fast path applies: eval mode, no autograd, eager execution (autocast included: the
+    fused convs then run in the autocast dtype, as ``conv2d`` does under autocast)."""
+    if not _ENABLED or module.training or torch.is_grad_enabled() or is_tracing():
         return False
-    return not _is_tracing() and not torch.is_autocast_enabled(x.device.type)
+    return x.device.type != 'meta'  # no data to fold on the meta device
 
 
 def _version_key(module: nn.Module) -> tuple:
@@ -66,7 +68,9 @@ def cached_plan(module: nn.Module, build):
     key = _version_key(module)
     cache = module.__dict__.get('_fast_plan')
     if cache is None or cache[0] != key:
-        cache = (key, build())
+        device = next(module.parameters()).device.type
+        with torch.autocast(device, enabled=False):  # folds in the parameters' precision, also under autocast
+            cache = (key, build())
         module.__dict__['_fast_plan'] = cache
     return cache[1]
 
@@ -76,48 +80,82 @@ def drop_plan(module: nn.Module) -> None:
 
 
 class FusedConv:
-    """``act(conv2d(x) + bias)`` or ``conv2d(x) + bias + residual`` for inference, from folded weights."""
+    """``act(conv2d(x) + bias)`` or ``conv2d(x) + bias + residual`` for inference, from folded weights.
+
+    Under autocast the conv runs in the autocast dtype (weights cast once and kept), as autocast runs
+    ``conv2d``. oneDNN-packed weights are kept per input geometry (shape, dtype), the last
+    ``MAX_GEOMETRIES`` of them.
+    """
+    MAX_GEOMETRIES = 4
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
                  groups: int = 1, act: str = 'none'):
         self.weight, self.bias = weight.detach(), bias.detach()
         self.stride, self.padding, self.groups, self.act = stride, padding, groups, act
         self.depthwise = groups > 1 and groups == weight.shape[0] and weight.shape[1] == 1
-        self._packed: Dict[tuple, Tuple[torch.Tensor, Tuple[int, int]]] = {}
+        self._packed: 'OrderedDict[tuple, Tuple[torch.Tensor, Tuple[int, int]]]' = OrderedDict()
+        self._cast: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self):
+        # oneDNN-packed weights are opaque tensors that cannot be copied or pickled: repacked on demand
+        return dict(self.__dict__, _packed=OrderedDict(), _cast={})
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        onednn_dtype = x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+        device = x.device.type
+        dtype = autocast_dtype(device)
+        if dtype is not None and x.is_floating_point():
+            with torch.autocast(device, enabled=False):
+                return self._run(x.to(dtype), residual, *self._params(dtype))
+        return self._run(x, residual, self.weight, self.bias)
+
+    def _params(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        if dtype == self.weight.dtype:
+            return self.weight, self.bias
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.weight.to(dtype), self.bias.to(dtype))
+        return self._cast[dtype]
+
+    def _run(self, x, residual, weight, bias) -> torch.Tensor:
+        if residual is not None and residual.dtype != x.dtype:
+            return self._run(x, None, weight, bias) + residual  # type promotion as the plain add has it
+        onednn_dtype = x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
         if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
-            return self._onednn(x, residual)
+            return self._onednn(x, residual, weight, bias)
         if self.depthwise:
-            y = depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+            y = depthwise_conv2d(x, weight, bias, self.stride, self.padding)
         else:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, 1, self.groups)
         y = _ACTS[self.act](y)
         return y if residual is None else y + residual
 
-    def _weight_for(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """The oneDNN-packed weight (taps that only see padding cropped, as in ``depthwise_conv2d``)."""
-        kh, kw = self.weight.shape[-2:]
+    def _weight_for(self, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """The oneDNN-packed weight for this input geometry (taps that only see padding cropped, as in
+        ``depthwise_conv2d``); oneDNN picks the blocked layout by input shape."""
+        key = (tuple(x.shape), x.dtype, x.is_contiguous())
+        packed = self._packed.get(key)
+        if packed is not None:
+            self._packed.move_to_end(key)
+            return packed
+        kh, kw = weight.shape[-2:]
         crop = self.depthwise and self.stride == 1 and (kh > 2 * x.shape[-2] - 1 or kw > 2 * x.shape[-1] - 1)
-        key = tuple(x.shape[-2:]) if crop else ()
-        if key not in self._packed:
-            weight, padding = self.weight, (self.padding, self.padding)
-            if crop:
-                r0, r1, ph = _crop(kh, self.padding, x.shape[-2])
-                c0, c1, pw = _crop(kw, self.padding, x.shape[-1])
-                weight, padding = weight[:, :, r0:r1, c0:c1].contiguous(), (ph, pw)
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(padding), [self.stride] * 2, [1, 1], self.groups, list(x.shape))
-            self._packed[key] = (packed, padding)
+        padding = (self.padding, self.padding)
+        if crop:
+            r0, r1, ph = _crop(kh, self.padding, x.shape[-2])
+            c0, c1, pw = _crop(kw, self.padding, x.shape[-1])
+            weight, padding = weight[:, :, r0:r1, c0:c1].contiguous(), (ph, pw)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(padding), [self.stride] * 2, [1, 1], self.groups, list(x.shape))
+        self._packed[key] = (packed, padding)
+        while len(self._packed) > self.MAX_GEOMETRIES:
+            self._packed.popitem(last=False)
         return self._packed[key]
 
-    def _onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        weight, padding = self._weight_for(x)
+    def _onednn(self, x, residual, weight, bias) -> torch.Tensor:
+        weight, padding = self._weight_for(x, weight)
         geometry = (list(padding), [self.stride] * 2, [1, 1], self.groups)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, self.bias, *geometry, self.act, [], 'none' if self.act == 'gelu' else '')
+                x, weight, bias, *geometry, self.act, [], 'none' if self.act == 'gelu' else '')
         assert self.act == 'none', 'a fused residual add takes no activation'
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, self.bias, *geometry, 'add', None, None, [], None)
+            x, residual, weight, bias, *geometry, 'add', None, None, [], None)

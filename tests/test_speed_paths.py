@@ -1,0 +1,254 @@
+"""The speed paths give the right values: any input size in any order, NCHW input, bf16 / AMP, torch.compile."""
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.utils import reparameterize_model
+
+from smpconv_timm import SMPConv2d, dwconv, fastpath
+from smpconv_timm.fastpath import FusedConv
+
+TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
+
+
+def tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model('smpconv_t', **dict(TINY, **kwargs))
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that folding them is exercised
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+def fused_convs(model):
+    for m in model.modules():
+        plan = m.__dict__.get('_fast_plan')
+        if plan is not None:
+            yield from (f for f in (plan[1] if isinstance(plan[1], tuple) else (plan[1],)) if isinstance(f, FusedConv))
+
+
+def golden_model(release_checkpoint, variant):
+    return timm.create_model(f'smpconv_{variant}', pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(release_checkpoint(variant)))).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. any input size, in any order
+
+
+@pytest.mark.parametrize('deploy', [False, True])
+def test_input_sizes_in_any_order_equal_a_fresh_model(deploy):
+    model = tiny().eval()
+    if deploy:
+        model = reparameterize_model(model)
+    state = model.state_dict()
+    x = {s: torch.randn(2, 3, s, s).contiguous(memory_format=torch.channels_last) for s in (160, 224)}
+    with torch.no_grad():
+        got = [(s, model(x[s])) for s in (160, 224, 160)]
+        for s, out in got:
+            fresh = copy.deepcopy(model)  # a copy carries no packed weights: it packs for its first size only
+            fresh.load_state_dict(state)
+            assert not any(f._packed for f in fused_convs(fresh))
+            torch.testing.assert_close(out, fresh(x[s]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weights_are_kept_per_geometry_and_bounded():
+    model = tiny().eval()
+    sizes = (64, 96, 48, 128, 80, 64, 112, 40, 144, 96)
+    with torch.no_grad():
+        for i, s in enumerate(sizes):
+            model(torch.randn(1 + i % 2, 3, s, s).contiguous(memory_format=torch.channels_last))
+            convs = list(fused_convs(model))
+            assert convs and all(len(f._packed) <= FusedConv.MAX_GEOMETRIES for f in convs)
+            assert max(len(f._packed) for f in convs) == min(i + 1, FusedConv.MAX_GEOMETRIES)
+        # the packed weights are keyed by the exact geometry they were packed for
+        keys = {k[0] for f in convs for k in f._packed}
+        assert all(len(k) == 4 for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. NCHW input runs channels-last inside
+
+
+def test_nchw_input_runs_channels_last_with_the_same_values():
+    model = tiny().eval()
+    seen = []
+    model.stages[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 64, 64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out_nchw = model(x)
+            out_cl = model(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out_nchw, out_cl, rtol=1e-5, atol=1e-5)
+    assert seen == [True] * 4
+    feats = model.forward_intermediates(x, intermediates_only=True)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats)
+    ref = model.forward_intermediates(x.contiguous(memory_format=torch.channels_last), intermediates_only=True)
+    for a, b in zip(feats, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_nchw_training_gradients_match_channels_last():
+    model = tiny().train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 48, 48)
+    model(x).square().mean().backward()
+    twin(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(), msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. bf16 inference
+
+
+def bf16_logits(model, x, how):
+    with torch.no_grad():
+        if how == 'autocast':
+            with torch.autocast('cpu', torch.bfloat16):
+                out = model(x)
+            assert out.dtype == torch.bfloat16  # as autocast gives it
+        else:
+            out = copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16))
+    return out.double().numpy()
+
+
+@pytest.mark.parametrize('variant', ['t', pytest.param('b', marks=pytest.mark.slow)])
+def test_bf16_logits_match_the_golden_fp64_logits(release_checkpoint, golden, golden_input, variant):
+    ref = golden[f'smpconv_{variant}_ema_logits_fp64']
+    bound = 2e-2 * np.abs(ref).max()
+    model = golden_model(release_checkpoint, variant)
+    forms = {'train': model, 'deploy': reparameterize_model(model)}
+    # reparameterized after the cast: folded in float32, rounded once to bf16
+    forms['deploy after cast'] = reparameterize_model(copy.deepcopy(model).to(torch.bfloat16))
+    for form, m in forms.items():
+        for how in ('autocast', 'to(bf16)'):
+            if form == 'deploy after cast' and how == 'autocast':
+                continue
+            err = np.abs(bf16_logits(m, golden_input, how) - ref).max()
+            assert err < bound, (form, how, err / np.abs(ref).max())
+    x = golden_input.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # and the float32 forms stay exact after bf16 use (plans built under autocast)
+        err = (forms['train'](x) - forms['deploy'](x)).abs().max().item()
+    assert err < 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize('deploy', [False, True])
+def test_autocast_takes_the_fast_path_with_autocast_semantics(deploy):
+    model = tiny().eval()
+    if deploy:
+        model = reparameterize_model(model)
+    x = torch.randn(2, 3, 64, 64)
+    fastpath.set_fast_paths(False)
+    try:
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+            ref = model(x)
+    finally:
+        fastpath.set_fast_paths(True)
+    assert not list(fused_convs(model))
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        out = model(x)
+        block_out = model.stages[0].blocks[0](torch.randn(2, 16, 16, 16))  # a float32 input to one block
+    convs = list(fused_convs(model))
+    assert convs and all(torch.bfloat16 in f._cast or f.weight.dtype == torch.bfloat16 for f in convs)
+    assert all(k[0][1] == torch.bfloat16 for f in convs for k in f._packed.items())  # the convs ran in bf16
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert block_out.dtype == torch.float32  # the residual add promotes, as it does in the plain block
+    with torch.no_grad():
+        exact = model(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=3e-2 * exact.abs().max().item())
+    torch.testing.assert_close(out.float(), exact, rtol=0, atol=3e-2 * exact.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. AMP training
+
+
+@pytest.mark.parametrize('algos', list(itertools.product(*dwconv.ALGORITHMS.values())))
+def test_bf16_autocast_smp_layer_gradients_match_float32(algos):
+    saved = dwconv.get_algorithms()
+    dwconv.set_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
+    try:
+        torch.manual_seed(0)
+        layer = SMPConv2d(8, 7, bias=True)
+        x = torch.randn(2, 8, 12, 12, requires_grad=True)
+        inputs = (x, *layer.parameters())
+        out = layer(x)
+        grad = torch.randn_like(out)
+        ref = torch.autograd.grad(out, inputs, grad)
+        with torch.autocast('cpu', torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        got = torch.autograd.grad(out, inputs, grad.to(torch.bfloat16))
+    finally:
+        dwconv.set_algorithms(**saved)
+    for g, r in zip(got, ref):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0, atol=2e-2 * r.abs().max().item())
+
+
+def test_bf16_autocast_train_step():
+    """Ours under AMP (dwconv backward, radius hooks) against PyTorch's own modules and kernels under AMP,
+    and the loss against float32."""
+    model = tiny(drop_path_rate=0.).train()
+    plain, fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(4, 3, 64, 64)
+    y = torch.randint(0, 1000, (4,))
+    saved = dwconv.get_algorithms()
+    try:
+        dwconv.set_algorithms(forward='direct', input_grad='direct', weight_grad='fft')
+        with torch.autocast('cpu', torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        fastpath.set_fast_paths(False)
+        dwconv.set_algorithms(forward='direct', input_grad='native', weight_grad='native')
+        with torch.autocast('cpu', torch.bfloat16):
+            loss_plain = F.cross_entropy(plain(x), y)
+        loss_plain.backward()
+    finally:
+        fastpath.set_fast_paths(True)
+        dwconv.set_algorithms(**saved)
+    loss_fp32 = F.cross_entropy(fp32(x), y)
+    torch.testing.assert_close(loss.float(), loss_fp32, rtol=1e-2, atol=0)
+    torch.testing.assert_close(loss, loss_plain)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=2e-2 * q.grad.abs().max().item(), msg=name)
+    layer = model.smp_layers()[0]
+    with torch.no_grad():
+        layer.radius.fill_(0.99)
+        layer.radius.grad = -torch.ones_like(layer.radius)  # a step that pushes every radius far above the maximum
+    torch.optim.SGD(model.parameters(), lr=1e4).step()
+    assert layer.radius.max().item() == 1.
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_train_step_equals_eager():
+    model = tiny(depths=(1, 1, 1, 1)).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, 1000, (2,))
+    compiled = torch.compile(model)
+    loss = F.cross_entropy(compiled(x), y)
+    loss.backward()
+    ref = F.cross_entropy(twin(x), y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
+    scale = max(q.grad.abs().max().item() for q in twin.parameters())  # some true gradients are ~0 (BN-cancelled)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):  # running statistics
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6, msg=name)
