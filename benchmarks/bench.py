@@ -63,9 +63,10 @@ def _median_ms(fn, device: str, warmup: int, reps: int) -> float:
 
 def configure(form: str) -> None:
     """Switch smpconv_timm between its own paths and plain PyTorch ops."""
-    from smpconv_timm import dwconv, fastpath
+    from smpconv_timm.kernels import dwconv, set_inference_fast_path, set_training_recompute
     plain = form.startswith('release')
-    fastpath.set_fast_paths(not plain)
+    set_inference_fast_path(not plain)
+    set_training_recompute(not plain)
     if plain:
         dwconv.set_algorithms(forward='direct', input_grad='native', weight_grad='native')
     else:
@@ -134,7 +135,7 @@ def train_step(name: str, form: str, batch: int, device: str, reps: int) -> Dict
 
 def large_kernel_gflops(device: str, batch: int = 16) -> List[Dict[str, float]]:
     """Achieved GFLOP/s of the large depthwise convs (forward, and forward + backward) vs a matmul."""
-    from smpconv_timm import dwconv
+    from smpconv_timm.kernels import dwconv
     configure('train form')
     a = torch.randn(2048, 2048, device=device)
     matmul = 2 * 2048 ** 3 / _median_ms(lambda: a @ a, device, 2, 5) / 1e6

@@ -1,4 +1,5 @@
-"""``smpconv-timm`` command line: ``smpconv-timm flops`` (the default command)."""
+"""``smpconv-timm`` command line: ``flops`` (the default command: params and fvcore FLOPs), ``show`` (SMP points
+and kernels) and ``erf`` (effective receptive fields). Publishing weights is ``hub/publish.py`` in the repository."""
 import argparse
 import sys
 import warnings
@@ -9,7 +10,7 @@ def _flops(args: argparse.Namespace) -> int:
     from .flops import format_table, model_complexity, resolve_model_name
     names = [resolve_model_name(n) for n in args.models]
     results = [model_complexity(n, img_size=args.img_size, batch_size=args.batch_size) for n in names]
-    print(f'fvcore FLOPs (1 multiply-add = 1 flop), params and activations; per-stage columns in GFLOPs')
+    print('fvcore FLOPs (1 multiply-add = 1 flop), params and activations; per-stage columns in GFLOPs')
     print(format_table(results))
     return 0
 
@@ -73,9 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', action='store_true',
                    help='pretrained weights for bare model names too (tagged names and hf-hub ids always have them)')
     p.set_defaults(func=_erf)
-
-    from .hub import add_subcommands as add_hub_subcommands
-    add_hub_subcommands(sub)  # convert, publish
     return parser
 
 

@@ -25,9 +25,8 @@ is exactly a 0.1x learning rate). A param group that holds radii alone was built
 the authors' code does, at 0.1x the lr): it keeps exactly the lr it was given, with no second scaling. A
 group's ``'radius_lr_scale'`` entry overrides both (1.0 turns the scaling off).
 """
-import math
 import weakref
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,10 +34,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from timm.layers import register_notrace_module, trunc_normal_
 
-from .dwconv import depthwise_conv2d
-from .runtime import TransientCaches, autocast_dtype, is_fx_tracing, is_tracing
-
-torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
+from .kernels import TransientCaches, autocast_dtype, dwconv, is_fx_tracing, is_tracing
 
 __all__ = ['SMPConv2d', 'smp_kernel', 'RADIUS_MIN', 'RADIUS_MAX', 'RADIUS_LR_SCALE']
 
@@ -151,7 +147,7 @@ class SMPConv2d(TransientCaches, nn.Module):
                     f'SMPConv2d({self.channels}) expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}')
             if not x.is_floating_point():
                 raise TypeError(f'SMPConv2d expects a floating-point input, got dtype {x.dtype}')
-        return depthwise_conv2d(x, self._kernel(), self.bias, self.stride, self.padding)
+        return dwconv.depthwise_conv2d(x, self._kernel(), self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         s = f'{self.channels}, kernel_size={self.kernel_size}, n_points={self.n_points}, stride={self.stride}'

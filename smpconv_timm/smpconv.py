@@ -11,7 +11,6 @@ Module names follow timm; ``checkpoint_filter_fn`` maps the authors' checkpoints
 (``transitions.{s}`` -> ``stages.{s+1}.downsample``, ``prelkb_bn`` / ``preffn_bn`` -> ``norm``,
 ``norm`` -> ``head.norm``, ``head`` -> ``head.fc``, ``kernel_coord`` buffers dropped).
 """
-import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -19,26 +18,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, to_ntuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
-from timm.models._helpers import clean_state_dict
-from timm.models._manipulate import named_apply, reparameterize_model
+from timm.models import (
+    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model, resolve_pretrained_cfg)
+from timm.utils import reparameterize_model
 
-from .checkpoint import HF_HUB_NAMESPACE, CheckpointError, load_checkpoint_file, select_state_dict
-from .dwconv import depthwise_conv2d
-from .fastpath import FusedConv, cached_plan, drop_plan, inference_path
-from .hub import hub_errors
-from .recompute import bn_gelu_conv, recompute_applies
-
-torch.fx.wrap('depthwise_conv2d')  # a leaf for torch.fx: its dispatch depends on the input shape
-from .layers import SMPConv2d
+from ._compat import feature_take_indices
+from .checkpoint import CheckpointError, check_architecture, check_fits, check_grids, load_checkpoint_file, \
+    to_timm_keys
+from .download import hub_errors
+from .fold import bn_scale_shift, conv_like, fold_pre_bn, fuse_bn, has_bn, low_precision, set_folded, to_eval
+from .kernels import FusedConv, TransientCaches, act_name, bn_gelu_conv, cached_plan, drop_plan, dwconv, \
+    inference_path, recompute_applies
+from .layers import SMPConv2d, smp_kernel
+from .variants import VARIANTS
 
 __all__ = ['SMPConvNet', 'checkpoint_filter_fn']
 
 
-class _PlanCache:
-    """Drops the cached inference plan (see ``fastpath``) when the module switches between train and eval."""
+class _PlanCache(TransientCaches):
+    """Drops the cached inference plan (see ``fastpath``) when the module switches between train and eval; copies
+    and pickles never hold it."""
 
     def train(self, mode: bool = True):
         drop_plan(self)
@@ -72,24 +71,25 @@ class ConvNormAct(_PlanCache, nn.Module):
 
     def _fused_conv(self) -> FusedConv:
         conv = self.conv
-        return FusedConv(*self.folded(), conv.stride[0], conv.padding[0], conv.groups, _act_name(self.act))
+        return FusedConv(*self.folded(), conv.stride[0], conv.padding[0], conv.groups, act_name(self.act))
 
     def folded(self, pre_norm: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) with the BN folded in, and ``pre_norm``, a BatchNorm right before this 1x1 conv."""
         weight, bias = self.conv.weight, self.conv.bias
+        dtype = weight.dtype  # folded in float32 at least, rounded once to the conv's dtype
         if isinstance(self.bn, nn.BatchNorm2d):
             weight, bias = fuse_bn(weight, bias, self.bn)
         elif bias is None:
             bias = weight.new_zeros(weight.shape[0])
         if isinstance(pre_norm, nn.BatchNorm2d):
             weight, bias = fold_pre_bn(weight, bias, pre_norm)
-        return weight, bias
+        return weight.to(dtype), bias.to(dtype)
 
     @torch.no_grad()
     def reparameterize(self, pre_norm: Optional[nn.Module] = None) -> None:
         if isinstance(self.bn, nn.BatchNorm2d) or isinstance(pre_norm, nn.BatchNorm2d):
-            _to_eval(self)
-            self.conv = _conv_like(self.conv, *self.folded(pre_norm))
+            to_eval(self)
+            self.conv = conv_like(self.conv, *self.folded(pre_norm))
             self.bn = nn.Identity()
             self.eval()
 
@@ -127,7 +127,14 @@ class SmpLargeKernel(nn.Module):
         """
         smp_conv, smp_bn = self.smp.conv, self.smp.bn
         k = kernel_size or smp_conv.kernel_size
-        weight, bias = fuse_bn(smp_conv.make_kernel(k), smp_conv.bias, smp_bn)
+        dtype = smp_conv.weights.dtype
+        if low_precision(dtype):  # sample the kernel and fold in float32, round once to the params' dtype
+            with torch.autocast(smp_conv.weights.device.type, enabled=False):
+                params = (smp_conv.weight_coord, smp_conv.radius, smp_conv.weights)
+                kernel = smp_kernel(*(p.float() for p in params), k)
+        else:
+            kernel = smp_conv.make_kernel(k)
+        weight, bias = fuse_bn(kernel, smp_conv.bias, smp_bn)
         if self.small_conv is not None:
             w_small, b_small = self.small_conv.folded()
             ks = w_small.shape[-1]
@@ -136,12 +143,12 @@ class SmpLargeKernel(nn.Module):
             pad = (k - ks) // 2
             weight = weight + F.pad(w_small, [pad, k - ks - pad] * 2)
             bias = bias + b_small
-        return weight, bias
+        return weight.to(dtype), bias.to(dtype)
 
     @torch.no_grad()
     def fuse(self, kernel_size: Optional[int] = None) -> 'DeployLargeKernelConv':
         """The deploy form: one ``DeployLargeKernelConv`` (timm's ``reparameterize_model`` calls this)."""
-        _to_eval(self)
+        to_eval(self)
         return DeployLargeKernelConv.from_folded(*self.folded(kernel_size))
 
 
@@ -160,7 +167,7 @@ class DeployLargeKernelConv(nn.Conv2d):
         return conv.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return depthwise_conv2d(x, self.weight, self.bias, 1, self.padding[0])
+        return dwconv.depthwise_conv2d(x, self.weight, self.bias, 1, self.padding[0])
 
     def folded(self, kernel_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         if kernel_size not in (None, self.kernel_size[0]):
@@ -215,12 +222,12 @@ class SmpBlock(_PlanCache, nn.Module):
     @torch.no_grad()
     def reparameterize(self, kernel_size: Optional[int] = None) -> None:
         """Deploy form in place: norm folded into pw1, the large kernel one dense conv, drop path removed."""
-        if isinstance(self.large_kernel, SmpLargeKernel) or _has_bn(self):
-            _to_eval(self)
+        if isinstance(self.large_kernel, SmpLargeKernel) or has_bn(self):
+            to_eval(self)
             (w1, b1), (wk, bk), (w2, b2) = self.folded_weights(kernel_size)
-            _set_folded(self.pw1, w1, b1)
+            set_folded(self.pw1, w1, b1)
             self.large_kernel = DeployLargeKernelConv.from_folded(wk, bk)
-            _set_folded(self.pw2, w2, b2)
+            set_folded(self.pw2, w2, b2)
             self.norm = nn.Identity()
         self.drop_path = nn.Identity()
         self.eval()
@@ -269,11 +276,11 @@ class ConvFfnBlock(_PlanCache, nn.Module):
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Deploy form in place: norm folded into pw1, both BNs folded, drop path removed."""
-        if _has_bn(self):
-            _to_eval(self)
+        if has_bn(self):
+            to_eval(self)
             (w1, b1), (w2, b2) = self.folded_weights()
-            _set_folded(self.pw1, w1, b1)
-            _set_folded(self.pw2, w2, b2)
+            set_folded(self.pw1, w1, b1)
+            set_folded(self.pw2, w2, b2)
             self.norm = nn.Identity()
         self.drop_path = nn.Identity()
         self.eval()
@@ -338,7 +345,7 @@ class SmpClassifierHead(ClassifierHead):
     def reparameterize(self) -> None:
         if not isinstance(self.norm, nn.BatchNorm2d):
             return
-        _to_eval(self)
+        to_eval(self)
         scale, shift = bn_scale_shift(self.norm)
         if isinstance(self.fc, nn.Linear) and self.global_pool.pool_type == 'avg':
             # a per-channel affine map commutes with average pooling: fc(s * x + t) = (W s) x + (W t + b)
@@ -414,7 +421,7 @@ class SMPConvNet(nn.Module):
             ConvNormAct(dims[0], dims[0], 1, act_layer=nn.ReLU, **dd),
             ConvNormAct(dims[0], dims[0], 3, stride=2, groups=dims[0], act_layer=nn.ReLU, **dd),
         )
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = _drop_path_rates(drop_path_rate, depths)
         stages = []
         self.feature_info = []
         prev_chs = dims[0]
@@ -513,7 +520,7 @@ class SMPConvNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
-        x = self.stem(x)
+        x = self.stem(_channels_last_on_cpu(x))
         if torch.jit.is_scripting() or not stop_early:
             stages = self.stages
         else:
@@ -548,7 +555,7 @@ class SMPConvNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
-        x = self.stem(x)
+        x = self.stem(_channels_last_on_cpu(x))
         x = self.stages(x)
         return x
 
@@ -562,71 +569,38 @@ class SMPConvNet(nn.Module):
 
 
 @torch.fx.wrap
+def _channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """NCHW images on CPU run channels-last inside the model (converted once here): oneDNN's large depthwise
+    convs are many times faster that way. Same values; other devices and layouts are left as they are."""
+    if x.device.type != 'cpu' or x.ndim != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.fx.wrap
 def _check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != in_chans):
+    if torch.jit.is_tracing():
+        return x
+    if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f'the model was built for {in_chans}-channel images (in_chans={in_chans}), got a tensor of shape '
             f'{tuple(x.shape)}; expected (N, {in_chans}, H, W)')
+    if not x.is_floating_point():
+        raise TypeError(
+            f'the model takes floating-point images, got dtype {x.dtype}: convert and normalise first, e.g. '
+            f'x.float().div(255) followed by the model\'s mean / std (timm.data.resolve_data_config)')
     return x
 
 
-# ---------------------------------------------------------------------------------------------------------
-# BN folding helpers
+def _drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """Stochastic-depth rate per unit, linear from 0 to ``drop_path_rate`` over all units, split per stage.
 
-def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm: bn(x) = scale * x + shift."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def fuse_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of bn(conv(x)) as a single conv."""
-    scale, shift = bn_scale_shift(bn)
-    bias = shift if bias is None else shift + bias * scale
-    return weight * scale.reshape(-1, 1, 1, 1), bias
-
-
-def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    out = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-        conv.groups, bias=True, device=weight.device, dtype=weight.dtype)
-    out.weight.copy_(weight)
-    out.bias.copy_(bias)
-    return out
-
-
-def fold_pre_bn(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of conv(bn(x)) for a 1x1 conv: exact, as a 1x1 conv has no padding for the shift to leak into."""
-    if weight.shape[-2:] != (1, 1):
-        raise ValueError('a BatchNorm before a conv folds exactly only into a 1x1 conv')
-    scale, shift = bn_scale_shift(bn)
-    return weight * scale.reshape(1, -1, 1, 1), bias + weight[:, :, 0, 0] @ shift
-
-
-def _set_folded(module: ConvNormAct, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    module.conv = _conv_like(module.conv, weight, bias)
-    module.bn = nn.Identity()
-    module.eval()
-
-
-def _has_bn(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
-
-
-def _act_name(act: nn.Module) -> str:
-    names = {nn.ReLU: 'relu', nn.GELU: 'gelu', nn.Identity: 'none'}
-    if type(act) not in names or getattr(act, 'approximate', 'none') != 'none':
-        raise ValueError(f'no fused form for activation {act}')
-    return names[type(act)]
-
-
-def _to_eval(module: nn.Module) -> None:
-    if module.training:
-        import warnings
-        warnings.warn(
-            'reparameterizing a model in training mode: BatchNorm running statistics are folded and the '
-            'reparameterized modules are switched to eval mode', stacklevel=3)
-        module.eval()
+    Plain Python, so that building on the meta device (no tensor data) works.
+    """
+    total = sum(depths)
+    rates = [drop_path_rate * i / (total - 1) if total > 1 else 0. for i in range(total)]
+    starts = [sum(depths[:s]) for s in range(len(depths))]
+    return [rates[start:start + d] for start, d in zip(starts, depths)]
 
 
 def _dd(module: nn.Module) -> dict:
@@ -647,30 +621,6 @@ def _init_weights(module: nn.Module, name: Optional[str] = None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def _remap_release_key(k: str) -> str:
-    k = re.sub(r'^transitions\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.', k)
-    k = re.sub(r'\.(prelkb_bn|preffn_bn)\.', '.norm.', k)
-    k = re.sub(r'^norm\.', 'head.norm.', k)
-    k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-    return k
-
-
-def _describe_arch(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[tuple, tuple]]:
-    """(depths, dims) read off the block keys of a timm-format state dict, train or deploy form."""
-    blocks: Dict[int, int] = {}
-    dims: Dict[int, int] = {}
-    for k, v in state_dict.items():
-        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.pw2\.conv\.weight$', k)
-        if m:
-            s, b = int(m.group(1)), int(m.group(2))
-            blocks[s] = max(blocks.get(s, 0), b + 1)
-            dims[s] = v.shape[0]
-    if not blocks:
-        return None
-    stages = range(max(blocks) + 1)
-    return tuple(blocks.get(s, 0) // 2 for s in stages), tuple(dims.get(s, 0) for s in stages)
-
-
 def checkpoint_filter_fn(
         state_dict: Dict[str, torch.Tensor],
         model: 'SMPConvNet',
@@ -678,31 +628,17 @@ def checkpoint_filter_fn(
 ) -> Dict[str, torch.Tensor]:
     """Authors' release / timm checkpoint -> this model's state dict, validated before anything is loaded.
 
-    Accepts a raw state dict, ``{'model', 'model_ema', ...}`` (the authors' trainer), ``{'state_dict',
-    'state_dict_ema', ...}`` (timm's CheckpointSaver), with or without DDP ``module.`` prefixes. EMA weights
-    are picked when present unless ``use_ema=False``. Raises CheckpointError (a ValueError) naming the offending
-    keys for another architecture, missing, unexpected or mis-shaped tensors, and non-finite values.
+    Accepts every layout ``checkpoint.to_timm_keys`` reads (the authors' trainer, timm's CheckpointSaver, plain
+    state dicts, DDP prefixes); EMA weights are picked when present unless ``use_ema=False``. A train-form
+    checkpoint given to a deploy-form model is reparameterized on the way. Raises CheckpointError (a ValueError)
+    naming the offending keys for another architecture, missing, unexpected or mis-shaped tensors, and non-finite
+    values.
     """
-    state_dict = clean_state_dict(select_state_dict(state_dict, use_ema))
-    out, grids = {}, {}
-    for k, v in state_dict.items():
-        if not torch.is_tensor(v):
-            raise CheckpointError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor')
-        k = _remap_release_key(k)
-        if k.endswith('.kernel_coord'):
-            grids[k] = v  # the release stores its sampling grid; it is computed here, so only checked
-        else:
-            out[k] = v
-
+    out, grids = to_timm_keys(state_dict, use_ema)
     own = model.state_dict()
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-    ckpt_arch, model_arch = _describe_arch(out), _describe_arch(own)
-    if ckpt_arch != model_arch and ckpt_arch is not None:
-        raise CheckpointError(
-            f'checkpoint is for another architecture: depths {ckpt_arch[0]}, dims {ckpt_arch[1]} '
-            f'({_known_arch_name(ckpt_arch)}); the model {name} has depths {model_arch[0]}, dims {model_arch[1]}')
-
-    _check_grids(grids, model)
+    check_architecture(out, own, name)
+    check_grids(grids, {n: m.kernel_size for n, m in model.named_modules() if isinstance(m, SMPConv2d)})
     ckpt_deploy = any(k.endswith('.large_kernel.weight') for k in out)
     if model.is_deploy and not ckpt_deploy:
         out = _train_to_deploy_state_dict(out, model)
@@ -710,51 +646,9 @@ def checkpoint_filter_fn(
         raise CheckpointError(
             f'checkpoint is in deploy form (reparameterized, no SMP points): create the model with '
             f'deploy=True to load it; a train-form {name} cannot be recovered from it')
-
-    first_conv, classifier = 'stem.0.conv.weight', ('head.fc.weight', 'head.fc.bias')
-    adaptable = (first_conv,) + classifier  # timm adapts in_chans / drops a mismatched classifier after this
-    missing = [k for k in own if k not in out]
-    unexpected = [k for k in out if k not in own and k not in classifier]
-    shapes = [
-        f'{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(own[k].shape)}'
-        for k in own if k in out and k not in adaptable and out[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f'missing keys: {", ".join(missing)}')
-    if unexpected:
-        problems.append(f'unexpected keys: {", ".join(unexpected)}')
-    if shapes:
-        problems.append(f'shape mismatch: {"; ".join(shapes)}')
-    if problems:
-        raise CheckpointError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
-    bad = [k for k, v in out.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f'checkpoint holds non-finite values (NaN/Inf) in: {", ".join(bad)}')
+    # timm adapts the stem to in_chans and drops a mismatched classifier after the filter
+    check_fits(out, own, name, adaptable=('stem.0.conv.weight', 'head.fc.weight', 'head.fc.bias'))
     return out
-
-
-def _check_grids(grids: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """A release ``kernel_coord`` must be the linspace grid of the model's kernel size at that layer."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SMPConv2d)}
-    for key, grid in grids.items():
-        layer = layers.get(key[:-len('.kernel_coord')])
-        if layer is None:
-            continue  # reported as an unexpected layer by the key checks
-        k = layer.kernel_size
-        if grid.shape != (1, 2, k, k):
-            raise CheckpointError(
-                f'{key}: the checkpoint samples a {tuple(grid.shape[-2:])} kernel, the model a {k}x{k} one')
-        u = torch.linspace(-1., 1., k)
-        expect = torch.stack(torch.meshgrid(u, u, indexing='ij'))[None]
-        if not torch.allclose(grid.float(), expect, atol=1e-6):
-            raise CheckpointError(f'{key}: the checkpoint grid is not linspace(-1, 1, {k}); this model cannot load it')
-
-
-def _known_arch_name(arch: Tuple[tuple, tuple]) -> str:
-    for variant, args in _ARCHS.items():
-        if (tuple(args['depths']), tuple(args['dims'])) == arch:
-            return variant
-    return 'not a registered smpconv variant'
 
 
 def _train_to_deploy_state_dict(state_dict: Dict[str, torch.Tensor], model: 'SMPConvNet') -> Dict[str, torch.Tensor]:
@@ -823,24 +717,16 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'smpconv_t.in1k': _cfg(hf_hub_id=f'{HF_HUB_NAMESPACE}/smpconv_t.in1k'),
-    'smpconv_b.in1k': _cfg(hf_hub_id=f'{HF_HUB_NAMESPACE}/smpconv_b.in1k'),
-})
-
-_ARCHS = {
-    'smpconv_t': dict(depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), kernel_sizes=(31, 29, 27, 13)),
-    'smpconv_b': dict(depths=(2, 2, 20, 2), dims=(128, 256, 512, 1024), kernel_sizes=(31, 29, 27, 13)),
-}
+default_cfgs = generate_default_cfgs({v.pretrained_name: _cfg(hf_hub_id=v.hf_hub_id) for v in VARIANTS.values()})
 
 
 @register_model
 def smpconv_t(pretrained: bool = False, **kwargs) -> SMPConvNet:
-    """SMPConv-T: 26.7M params, 6.28 GFLOPs (fvcore) at 224. Release drop_path_rate 0.1."""
-    return _create_smpconv('smpconv_t', pretrained=pretrained, **dict(_ARCHS['smpconv_t'], **kwargs))
+    """SMPConv-T (``variants.VARIANTS['smpconv_t']``); the release trained it with drop_path_rate 0.1."""
+    return _create_smpconv('smpconv_t', pretrained=pretrained, **dict(VARIANTS['smpconv_t'].arch_args, **kwargs))
 
 
 @register_model
 def smpconv_b(pretrained: bool = False, **kwargs) -> SMPConvNet:
-    """SMPConv-B: 79.5M params, 18.22 GFLOPs (fvcore) at 224. Release drop_path_rate 0.5."""
-    return _create_smpconv('smpconv_b', pretrained=pretrained, **dict(_ARCHS['smpconv_b'], **kwargs))
+    """SMPConv-B (``variants.VARIANTS['smpconv_b']``); the release trained it with drop_path_rate 0.5."""
+    return _create_smpconv('smpconv_b', pretrained=pretrained, **dict(VARIANTS['smpconv_b'].arch_args, **kwargs))

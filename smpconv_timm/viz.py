@@ -92,7 +92,7 @@ def load_model(
     source = os.fspath(source)
     if _is_checkpoint(source):
         from .checkpoint import load_checkpoint_file
-        from .hub import recognise_variant
+        from .checkpoint import recognise_variant
         state_dict = load_checkpoint_file(source)
         try:
             name = recognise_variant(state_dict, expected=model_name)

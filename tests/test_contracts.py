@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
 from smpconv_timm import RADIUS_MAX, RADIUS_MIN, SMPConv2d
-from smpconv_timm.runtime import CACHE_ATTRS
+from smpconv_timm.kernels import CACHE_ATTRS
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5), num_classes=7)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smpconv_timm import dwconv
+from smpconv_timm.kernels import dwconv
 
 SHAPES = [  # N, C, H, W, k, padding
     (2, 3, 11, 9, 5, 2),

@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.utils import reparameterize_model
 
 import smpconv_timm.smpconv as smpconv_module
-from smpconv_timm import fastpath
+from smpconv_timm.kernels import act_name, set_inference_fast_path, set_training_recompute
 from smpconv_timm.smpconv import ConvFfnBlock, SmpBlock
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
@@ -93,12 +93,12 @@ def test_fast_path_only_where_it_applies():
         model(x)
     model.eval()
     model(x)  # autograd on
-    fastpath.set_fast_paths(False)
+    set_inference_fast_path(False)
     try:
         with torch.no_grad():
             model(x)
     finally:
-        fastpath.set_fast_paths(True)
+        set_inference_fast_path(True)
     assert '_fast_plan' not in block.__dict__
     with torch.no_grad():
         model(x)
@@ -106,9 +106,9 @@ def test_fast_path_only_where_it_applies():
 
 
 def test_fused_activation_names():
-    assert smpconv_module._act_name(nn.ReLU()) == 'relu' and smpconv_module._act_name(nn.GELU()) == 'gelu'
+    assert act_name(nn.ReLU()) == 'relu' and act_name(nn.GELU()) == 'gelu'
     with pytest.raises(ValueError, match='no fused form'):
-        smpconv_module._act_name(nn.GELU(approximate='tanh'))
+        act_name(nn.GELU(approximate='tanh'))
 
 
 def test_training_recomputation_matches_plain_autograd(monkeypatch):
@@ -122,12 +122,12 @@ def test_training_recomputation_matches_plain_autograd(monkeypatch):
     out = model(x)
     out.square().mean().backward()
     assert len(calls) == sum(isinstance(m, ConvFfnBlock) for m in model.modules())
-    fastpath.set_fast_paths(False)
+    set_training_recompute(False)
     try:
         out_ref = ref(x)
         out_ref.square().mean().backward()
     finally:
-        fastpath.set_fast_paths(True)
+        set_training_recompute(True)
     assert len(calls) == 5
     torch.testing.assert_close(out, out_ref)
     scale = max(p.grad.abs().max() for p in ref.parameters())

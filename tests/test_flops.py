@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from smpconv_timm import MODEL_NAMES
 from smpconv_timm.flops import model_complexity
 
 
@@ -56,7 +57,7 @@ def test_cli_reports_both_models_per_stage():
     out = subprocess.run([sys.executable, '-m', 'smpconv_timm', 'flops', '--img-size', '128'],
                          capture_output=True, text=True, check=True).stdout
     lines = [l for l in out.splitlines() if l.startswith('smpconv_')]
-    assert [l.split()[0] for l in lines] == ['smpconv_t', 'smpconv_b']
+    assert [l.split()[0] for l in lines] == list(MODEL_NAMES)
     assert '1x3x128x128' in lines[0] and '26,705,248' in lines[0] and '79,546,520' in lines[1]
     assert 'stages.3' in out
 

@@ -11,8 +11,6 @@ from timm.utils import reparameterize_model
 
 from smpconv_timm import clamp_radii_
 
-from golden_fixtures import release_state_dict
-
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 DEPLOY_LEAVES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.GELU, nn.Identity, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout)
 

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
-from smpconv_timm import SMPConv2d, dwconv, fastpath
-from smpconv_timm.fastpath import FusedConv
+from smpconv_timm import SMPConv2d
+from smpconv_timm.kernels import FusedConv, dwconv, set_inference_fast_path, set_training_recompute
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 
@@ -148,12 +148,12 @@ def test_autocast_takes_the_fast_path_with_autocast_semantics(deploy):
     if deploy:
         model = reparameterize_model(model)
     x = torch.randn(2, 3, 64, 64)
-    fastpath.set_fast_paths(False)
+    set_inference_fast_path(False)
     try:
         with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
             ref = model(x)
     finally:
-        fastpath.set_fast_paths(True)
+        set_inference_fast_path(True)
     assert not list(fused_convs(model))
     with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
         out = model(x)
@@ -209,13 +209,13 @@ def test_bf16_autocast_train_step():
         with torch.autocast('cpu', torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        fastpath.set_fast_paths(False)
+        set_training_recompute(False)
         dwconv.set_algorithms(forward='direct', input_grad='native', weight_grad='native')
         with torch.autocast('cpu', torch.bfloat16):
             loss_plain = F.cross_entropy(plain(x), y)
         loss_plain.backward()
     finally:
-        fastpath.set_fast_paths(True)
+        set_training_recompute(True)
         dwconv.set_algorithms(**saved)
     loss_fp32 = F.cross_entropy(fp32(x), y)
     torch.testing.assert_close(loss.float(), loss_fp32, rtol=1e-2, atol=0)

@@ -1,7 +1,7 @@
 """train_configs/: timm train.py configs against train.py's recorded interface and the authors' recipe.
 
 train.py's interface (every argument with its flags, default, nargs, type) is read from
-``../shared/reference/timm_train_args.json``; ``train_replica`` rebuilds train.py's parsers from it. The
+``tests/data/timm_train_args.json``; ``train_replica`` rebuilds train.py's parsers from it. The
 expected recipe values are those of ``SMPCONV_REFERENCE.md`` section 4 (the authors' ImageNet-1k recipe).
 """
 import copy
@@ -22,7 +22,7 @@ from timm.models import group_parameters
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-from smpconv_timm import SMPConv2d
+from smpconv_timm import MODEL_NAMES, SMPConv2d
 from smpconv_timm.train_check import TrainConfigError, check_running_train_script, config_problems, \
     validate_train_config
 from train_replica import CONFIGS, build_parsers, header_command, load_args, parse_train_args, train_args_json, \
@@ -194,7 +194,7 @@ def test_in1k_schedule_is_the_release_schedule(interface, model):
 # ---------------------------------------------------------------------------------------------------------
 # fine-tuning configs
 
-@pytest.mark.parametrize('model', ['smpconv_t', 'smpconv_b'])
+@pytest.mark.parametrize('model', MODEL_NAMES)
 def test_finetune_configs(interface, model):
     ft384 = parse_train_args(interface, launch_args(CONFIGS / f'{model}_in1k_ft384.yaml')[1])
     nproc, argv = launch_args(CONFIGS / f'{model}_in1k_ft384.yaml')
@@ -260,7 +260,7 @@ def test_radii_step_at_a_tenth_of_the_scheduled_lr(interface, config):
     """create_optimizer_v2 + create_scheduler_v2 from the config vs. explicit release-style param groups.
 
     The reference: torch's AdamW with one group per parameter at the release's lr (scheduled lr x layer
-    scale, x 0.1 for radii) and weight decay, the smpconv hooks told not to scale it again. Both step on
+    scale, x 0.1 for radii) and weight decay; a group of one radius keeps its lr (the radius-lr rule). Both step on
     the same gradients; with and without layer decay every parameter must land in the same place.
     """
     args = parse_train_args(interface, launch_args(CONFIGS / f'{config}.yaml')[1])
@@ -278,7 +278,7 @@ def test_radii_step_at_a_tenth_of_the_scheduled_lr(interface, config):
     else:
         scale = {n: 1. for n, _ in twin.named_parameters()}
     groups = [dict(params=[p], name=n, weight_decay=release_weight_decay(n, p, args.weight_decay),
-                   radius_lr_scale=1., base=scale[n] * (0.1 if n.endswith('.radius') else 1.))
+                   base=scale[n] * (0.1 if n.endswith('.radius') else 1.))
               for n, p in twin.named_parameters()]
     reference = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, betas=tuple(args.opt_betas))
 

@@ -9,8 +9,9 @@ rounding; ``tests/test_fastpath.py`` holds them to it.
 Where oneDNN's fused ops are unavailable (other devices, dtypes or PyTorch builds) the same plan runs
 as plain ``conv2d`` + activation + add.
 
-``set_fast_paths(False)`` (or ``SMPCONV_FASTPATH=0``) turns this and the training-time recomputation of
-``recompute.py`` off: the model then runs its plain modules, op for op what the authors' code runs.
+``set_inference_fast_path(False)`` (or ``SMPCONV_FASTPATH=0``) turns it off: eval then runs the plain
+modules, op for op what the authors' code runs. (The training recomputation has its own switch, in
+``recompute.py``.)
 """
 import os
 from collections import OrderedDict
@@ -20,22 +21,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dwconv import _crop, depthwise_conv2d
+from .dwconv import crop_taps, depthwise_conv2d
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['FusedConv', 'inference_path', 'cached_plan', 'set_fast_paths', 'fast_paths_enabled']
+__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'set_inference_fast_path']
 
 _ENABLED = os.environ.get('SMPCONV_FASTPATH', '1') != '0'
 
 
-def set_fast_paths(enabled: bool) -> None:
-    """Turn the inference fast path and the training recomputation on or off (default on)."""
+def set_inference_fast_path(enabled: bool) -> bool:
+    """Turn the inference fast path on or off (default on, ``SMPCONV_FASTPATH=0`` off); returns the old setting."""
     global _ENABLED
-    _ENABLED = bool(enabled)
-
-
-def fast_paths_enabled() -> bool:
-    return _ENABLED
+    old, _ENABLED = _ENABLED, bool(enabled)
+    return old
 
 
 def _onednn_fusion_available() -> bool:
@@ -140,8 +138,8 @@ class FusedConv:
         crop = self.depthwise and self.stride == 1 and (kh > 2 * x.shape[-2] - 1 or kw > 2 * x.shape[-1] - 1)
         padding = (self.padding, self.padding)
         if crop:
-            r0, r1, ph = _crop(kh, self.padding, x.shape[-2])
-            c0, c1, pw = _crop(kw, self.padding, x.shape[-1])
+            r0, r1, ph = crop_taps(kh, self.padding, x.shape[-2])
+            c0, c1, pw = crop_taps(kw, self.padding, x.shape[-1])
             weight, padding = weight[:, :, r0:r1, c0:c1].contiguous(), (ph, pw)
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, list(padding), [self.stride] * 2, [1, 1], self.groups, list(x.shape))
@@ -159,3 +157,11 @@ class FusedConv:
         assert self.act == 'none', 'a fused residual add takes no activation'
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, weight, bias, *geometry, 'add', None, None, [], None)
+
+
+def act_name(act: nn.Module) -> str:
+    """The name ``FusedConv`` takes for an activation module (ReLU, exact GELU, Identity)."""
+    names = {nn.ReLU: 'relu', nn.GELU: 'gelu', nn.Identity: 'none'}
+    if type(act) not in names or getattr(act, 'approximate', 'none') != 'none':
+        raise ValueError(f'no fused form for activation {act}')
+    return names[type(act)]

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 import torch
 
-from ._compat import is_fx_symbolic_tracing as _is_fx_tracing
+from .._compat import is_fx_symbolic_tracing as _is_fx_tracing
 
 __all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'TransientCaches', 'CACHE_ATTRS']
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['depthwise_conv2d', 'set_algorithms', 'get_algorithms', 'ALGORITHMS']
+__all__ = ['depthwise_conv2d', 'crop_taps', 'set_algorithms', 'get_algorithms', 'ALGORITHMS']
 
 ALGORITHMS = {
     'forward': ('direct', 'fft'),
@@ -191,7 +191,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _crop(k: int, pad: int, size: int):
+def crop_taps(k: int, pad: int, size: int) -> Tuple[int, int, int]:
     """Rows [lo, hi) of a k-tap kernel that can touch a `size`-long input at stride 1, and the padding left."""
     out = size + 2 * pad - k + 1
     lo = max(0, pad - out + 1)
@@ -199,6 +199,7 @@ def _crop(k: int, pad: int, size: int):
     return lo, hi, pad - lo
 
 
+@torch.fx.wrap  # a leaf for torch.fx: callers reach it as dwconv.depthwise_conv2d, which tracing patches
 def depthwise_conv2d(
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -222,7 +223,7 @@ def depthwise_conv2d(
     kh, kw = weight.shape[-2:]
     ph = pw = padding
     if kh > 2 * x.shape[-2] - 1 or kw > 2 * x.shape[-1] - 1:
-        r0, r1, ph = _crop(kh, padding, x.shape[-2])
-        c0, c1, pw = _crop(kw, padding, x.shape[-1])
+        r0, r1, ph = crop_taps(kh, padding, x.shape[-2])
+        c0, c1, pw = crop_taps(kw, padding, x.shape[-1])
         weight = weight[:, :, r0:r1, c0:c1]
     return _DepthwiseConv2d.apply(x, weight, bias, (ph, pw))
