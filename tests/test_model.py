@@ -34,6 +34,7 @@ def test_golden_logits_through_the_user_path(release_checkpoint, golden, golden_
     assert np.abs(out - other).max() > 100 * golden_tolerance(ref)  # really the requested weight set
 
 
+@pytest.mark.slow  # float64 convs at 224: ~1 min on 2 cores
 def test_golden_logits_float64_channels_last(release_checkpoint, golden, golden_input):
     model = load_release(release_checkpoint('t'), 't').double()
     x = golden_input.double().contiguous(memory_format=torch.channels_last)

@@ -190,6 +190,7 @@ def mixup_for(args) -> Mixup:
                  label_smoothing=args.smoothing, num_classes=args.num_classes)
 
 
+@pytest.mark.slow
 def test_training_with_timm_library_pieces(image_folder, tmp_path):
     interface = train_args_json()
     random_seed(42)  # as train.py: torch, numpy (Mixup) and random (RandAugment)
