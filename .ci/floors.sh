@@ -63,18 +63,6 @@ sys.exit(Version(torch.__version__).release >= (2, 5))'; then
     echo "floors: deselected tests/test_reparam.py::test_onnx_export (ONNX export needs torch >= 2.5)"
     deselect+=(--deselect tests/test_reparam.py::test_onnx_export)
 fi
-# The local-Hub download tests need a newer huggingface_hub than the package: below 1.0 the harness cannot repoint an
-# imported huggingface_hub (tests/hub_fixtures.py point_hf_at patches huggingface_hub.constants, but < 1.0 keeps
-# import-time copies of ENDPOINT / HF_HUB_CACHE / the URL template in file_download, hf_api, _commit_api, and
-# HF_HUB_OFFLINE only takes effect through a cached requests.Session); 1.0 - 1.19 leave a truncated download's
-# blobs/<sha>.incomplete in the cache, and 1.20 fails an unreachable endpoint with "client has been closed".
-hub_tests_min=2.4.0
-if "$venv/bin/python" -c "import sys, huggingface_hub; from packaging.version import Version
-sys.exit(Version(huggingface_hub.__version__) >= Version('$hub_tests_min'))"; then
-    echo "floors: deselected tests/test_download.py (the local-Hub download tests need huggingface_hub >= $hub_tests_min)"
-    deselect+=(--deselect tests/test_download.py)
-fi
-
 "$venv/bin/python" -m pytest -q -p no:cacheprovider -rfE -m 'not slow' "${deselect[@]}" \
     tests/test_model.py tests/test_layer.py tests/test_reparam.py \
     tests/test_download.py -k 'not test_download or download_then_offline or download_errors or damaged or local_dir'

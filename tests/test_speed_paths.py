@@ -6,27 +6,20 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 from smpconv_timm import SMPConv2d
 from smpconv_timm.kernels import FusedConv, dwconv, set_inference_fast_path, set_training_recompute
 
+from test_fastpath import randomise_bn  # non-trivial BatchNorm statistics, so that folding them is exercised
+
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 
 
 def tiny(seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = timm.create_model('smpconv_t', **dict(TINY, **kwargs))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so that folding them is exercised
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.)
-                m.weight.normal_(1, 0.2)
-                m.bias.normal_(0, 0.2)
-    return model
+    return randomise_bn(timm.create_model('smpconv_t', **dict(TINY, **kwargs)))
 
 
 def fused_convs(model):
