@@ -14,12 +14,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from timm.models import clean_state_dict, load_state_dict
 
+from .variants import VARIANTS
+
 __all__ = [
     'CheckpointError', 'load_checkpoint_file', 'weights_key', 'select_state_dict', 'remap_release_key', 'to_timm_keys',
     'describe_arch', 'recognise_variant', 'check_architecture', 'check_grids', 'check_fits',
 ]
-
-from .variants import VARIANTS
 
 
 class CheckpointError(ValueError):
