@@ -11,7 +11,7 @@ Switches: ``set_inference_fast_path`` (``SMPCONV_FASTPATH=0``), ``set_training_r
 authors' code runs.
 """
 from . import dwconv
-from .dwconv import ALGORITHMS, crop_taps, get_algorithms, set_algorithms
+from .dwconv import ALGORITHMS, crop_kernel, crop_taps, get_algorithms, set_algorithms
 from .fastpath import FusedConv, act_name, cached_plan, drop_plan, inference_path, set_inference_fast_path
 from .recompute import bn_gelu_conv, recompute_applies, set_training_recompute
 from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, is_fx_tracing, is_tracing

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['depthwise_conv2d', 'crop_taps', 'set_algorithms', 'get_algorithms', 'ALGORITHMS']
+__all__ = ['depthwise_conv2d', 'crop_kernel', 'crop_taps', 'set_algorithms', 'get_algorithms', 'ALGORITHMS']
 
 ALGORITHMS = {
     'forward': ('direct', 'fft'),
@@ -199,6 +199,17 @@ def crop_taps(k: int, pad: int, size: int) -> Tuple[int, int, int]:
     return lo, hi, pad - lo
 
 
+def crop_kernel(weight: torch.Tensor, padding: int, size: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(weight, (pad_h, pad_w)) for a stride-1 conv on an input of spatial ``size``: the taps that only ever see
+    zero padding cropped away where the map is smaller than the kernel's reach (same result), else as given."""
+    kh, kw = weight.shape[-2:]
+    if kh <= 2 * size[0] - 1 and kw <= 2 * size[1] - 1:
+        return weight, (padding, padding)
+    r0, r1, ph = crop_taps(kh, padding, size[0])
+    c0, c1, pw = crop_taps(kw, padding, size[1])
+    return weight[:, :, r0:r1, c0:c1], (ph, pw)
+
+
 @torch.fx.wrap  # a leaf for torch.fx: callers reach it as dwconv.depthwise_conv2d, which tracing patches
 def depthwise_conv2d(
         x: torch.Tensor,
@@ -220,10 +231,5 @@ def depthwise_conv2d(
         with torch.autocast(x.device.type, enabled=False):
             return depthwise_conv2d(
                 x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding)
-    kh, kw = weight.shape[-2:]
-    ph = pw = padding
-    if kh > 2 * x.shape[-2] - 1 or kw > 2 * x.shape[-1] - 1:
-        r0, r1, ph = crop_taps(kh, padding, x.shape[-2])
-        c0, c1, pw = crop_taps(kw, padding, x.shape[-1])
-        weight = weight[:, :, r0:r1, c0:c1]
-    return _DepthwiseConv2d.apply(x, weight, bias, (ph, pw))
+    weight, padding = crop_kernel(weight, padding, x.shape[-2:])
+    return _DepthwiseConv2d.apply(x, weight, bias, padding)

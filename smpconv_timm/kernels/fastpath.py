@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dwconv import crop_taps, depthwise_conv2d
+from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, is_tracing
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'set_inference_fast_path']
@@ -134,13 +134,10 @@ class FusedConv:
         if packed is not None:
             self._packed.move_to_end(key)
             return packed
-        kh, kw = weight.shape[-2:]
-        crop = self.depthwise and self.stride == 1 and (kh > 2 * x.shape[-2] - 1 or kw > 2 * x.shape[-1] - 1)
         padding = (self.padding, self.padding)
-        if crop:
-            r0, r1, ph = crop_taps(kh, self.padding, x.shape[-2])
-            c0, c1, pw = crop_taps(kw, self.padding, x.shape[-1])
-            weight, padding = weight[:, :, r0:r1, c0:c1].contiguous(), (ph, pw)
+        if self.depthwise and self.stride == 1:
+            weight, padding = crop_kernel(weight, self.padding, x.shape[-2:])
+            weight = weight.contiguous()
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, list(padding), [self.stride] * 2, [1, 1], self.groups, list(x.shape))
         self._packed[key] = (packed, padding)
