@@ -80,6 +80,11 @@ def test_plan_follows_parameter_changes():
     other = randomise_bn(timm.create_model('smpconv_t', **TINY))
     model.load_state_dict(other.state_dict())
     close(fast(model, x), plain(other.eval(), x))
+    # a replaced submodule and a replaced parameter, as surgery or a hand-made fine-tune makes
+    pw1 = model.stages[2].blocks[1].pw1
+    pw1.bn = randomise_bn(nn.Sequential(nn.BatchNorm2d(pw1.bn.num_features)))[0].eval()
+    block.large_kernel.smp.conv.weight_coord = nn.Parameter(block.large_kernel.smp.conv.weight_coord * 0.9)
+    close(fast(model, x), plain(model, x))
     model.train()
     assert '_fast_plan' not in block.__dict__  # training drops the cached weights
 
