@@ -61,10 +61,19 @@ def _median_ms(fn, device: str, warmup: int, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+_OWN_STEM_LAYOUT = None
+
+
 def configure(form: str) -> None:
-    """Switch smpconv_timm between its own paths and plain PyTorch ops."""
+    """Switch smpconv_timm between its own paths and plain PyTorch ops (for ``release``, also without the NCHW to
+    channels-last conversion at the stem: the authors' model runs NCHW input as NCHW)."""
+    global _OWN_STEM_LAYOUT
+    from smpconv_timm import smpconv
     from smpconv_timm.kernels import dwconv, set_inference_fast_path, set_training_recompute
+    if _OWN_STEM_LAYOUT is None:
+        _OWN_STEM_LAYOUT = smpconv._channels_last_on_cpu
     plain = form.startswith('release')
+    smpconv._channels_last_on_cpu = (lambda x: x) if plain else _OWN_STEM_LAYOUT
     set_inference_fast_path(not plain)
     set_training_recompute(not plain)
     if plain:
@@ -233,6 +242,8 @@ def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> L
     with torch.no_grad():
         shifted(x160)  # a first call at another size: 224 must not run with weights packed for 160
     add('eval fp32 deploy at 224 after a call at 160', 4, infer(shifted, x224), infer(base, x224))
+    fresh = reparameterize_model(ours)  # the same weights, never run at 160: the ratio should be 1
+    add('eval fp32 deploy at 224 after 160, vs a model only ever at 224', 4, infer(shifted, x224), infer(fresh, x224))
 
     if compile_eval:
         x = torch.randn(16, 3, 224, 224, device=device).contiguous(memory_format=cl)
