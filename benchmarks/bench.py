@@ -23,7 +23,9 @@ forward + backward + AdamW step (bs 8, 32), each model in a fresh process so tha
 own: peak resident memory (CPU) or peak allocated memory (CUDA) during the steps, minus what the process
 held before the first step. Ratios are to the baseline ConvNeXt of the same size measured in this run.
 The large-kernel table gives the achieved GFLOP/s of the stage-wise 31/29/27/13 depthwise convs
-against a 2048^3 matmul in the same process, the machine's practical limit.
+against a 2048^3 matmul in the same process, the machine's practical limit, and one matmul shape timed as
+ConvNeXt runs it (``nn.Linear``) and as our blocks do (a 1x1 conv): which library PyTorch picks for each moves
+the ratios to ConvNeXt from one CPU to another.
 """
 import argparse
 import copy
@@ -162,6 +164,24 @@ def large_kernel_gflops(device: str, batch: int = 16) -> List[Dict[str, float]]:
         rows.append(dict(shape=f'{c}x{h}x{h} k{k}', fwd_gflops=flops / fwd / 1e6,
                          train_gflops=3 * flops / both / 1e6, torch_train_gflops=3 * flops / torch_both / 1e6,
                          matmul_gflops=matmul))
+    return rows
+
+
+def linear_vs_conv1x1(device: str, reps: int = 20) -> List[Dict[str, float]]:
+    """The same matmul as ConvNeXt runs it (``nn.Linear`` on NHWC rows) and as our blocks run it (a 1x1 conv on a
+    channels-last map): ConvNeXt-T's stage-3 MLP shapes, bs 1, fp32 and bf16. Which BLAS PyTorch picks for each
+    differs by dtype and CPU, and it moves the ratios to ConvNeXt in the tables above."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for cin, cout in ((384, 1536), (1536, 384)):
+            x = torch.randn(1, cin, 14, 14, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(cout, cin, 1, 1, device=device, dtype=dtype)
+            rows_nhwc, w2 = x.permute(0, 2, 3, 1).reshape(-1, cin), w[:, :, 0, 0]
+            with torch.no_grad():
+                lin = _median_ms(lambda: F.linear(rows_nhwc, w2), device, 3, reps)
+                conv = _median_ms(lambda: F.conv2d(x, w), device, 3, reps)
+            rows.append(dict(shape=f'196x{cin} @ {cin}x{cout}', dtype=str(dtype).replace('torch.', ''),
+                             linear_ms=lin, conv1x1_ms=conv))
     return rows
 
 
@@ -318,6 +338,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         results['large_kernel'].append(r)
     if len(rows) > 1:
         print('## Large-kernel depthwise conv vs matmul\n\n' + _table(rows) + '\n')
+        rows = [['matmul (bs 1)', 'dtype', 'nn.Linear on NHWC ms (ConvNeXt)', '1x1 conv channels-last ms (ours)']]
+        for r in linear_vs_conv1x1(args.device):
+            rows.append([r['shape'], r['dtype'], f'{r["linear_ms"]:.3f}', f'{r["conv1x1_ms"]:.3f}'])
+            results['large_kernel'].append(r)
+        print('## The same matmul as nn.Linear and as a 1x1 conv\n\n' + _table(rows) + '\n')
 
     if not args.skip_modes:
         results['modes'] = []
