@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-BASELINES = {'smpconv_t': 'convnext_tiny', 'smpconv_b': 'convnext_base'}
+from bench import BASELINES, _table  # benchmarks/bench.py, beside this file
 SETTINGS = {
     'fp32 NCHW': [],
     'fp32 channels-last': ['--channels-last'],
@@ -46,12 +46,6 @@ def run_benchmark(benchmark_py: str, model: str, bench: str, batch: int, flags: 
     if 'error' in result:
         raise RuntimeError(f'benchmark.py reported an error for {model} ({bench}, bs {batch}): {result["error"]}')
     return result
-
-
-def _table(rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
-    return '\n'.join([fmt(rows[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|'] + [fmt(r) for r in rows[1:]])
 
 
 def main(argv: Optional[List[str]] = None) -> None:
