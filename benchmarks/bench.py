@@ -298,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     print(f'# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
           f'device {args.device}, {time.strftime("%Y-%m-%d")}\n')
-    results = {'eval': [], 'train': [], 'large_kernel': []}
+    results = {'eval': [], 'train': [], 'large_kernel': [], 'linear_vs_conv1x1': []}
     if args.modes_only:
         args.eval_batches, args.train_batches = [], []
     reps = lambda bs: args.reps if bs <= 8 else max(2, args.reps // 2)
@@ -341,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows = [['matmul (bs 1)', 'dtype', 'nn.Linear on NHWC ms (ConvNeXt)', '1x1 conv channels-last ms (ours)']]
         for r in linear_vs_conv1x1(args.device):
             rows.append([r['shape'], r['dtype'], f'{r["linear_ms"]:.3f}', f'{r["conv1x1_ms"]:.3f}'])
-            results['large_kernel'].append(r)
+            results['linear_vs_conv1x1'].append(r)
         print('## The same matmul as nn.Linear and as a 1x1 conv\n\n' + _table(rows) + '\n')
 
     if not args.skip_modes:

@@ -21,6 +21,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from bench import BASELINES, _table  # benchmarks/bench.py, beside this file
+
 SETTINGS = {
     'fp32 NCHW': [],
     'fp32 channels-last': ['--channels-last'],
@@ -74,6 +75,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         base = BASELINES[name]
         for setting in args.settings:
             for bench, batch in MEASUREMENTS:
+                prefix = 'infer' if bench == 'inference' else 'train'
                 variants = {base: [], name: []}
                 if bench == 'inference':
                     variants[name + ' --reparam'] = ['--reparam']
@@ -82,7 +84,6 @@ def main(argv: Optional[List[str]] = None) -> None:
                     for variant, extra in variants.items():
                         r = run_benchmark(args.benchmark_py, variant.split()[0], bench, batch,
                                           SETTINGS[setting] + extra, args.device, args.warm, args.iters)
-                        prefix = 'infer' if bench == 'inference' else 'train'
                         times[variant].append(r[f'{prefix}_step_time'])
                 ms = {v: statistics.median(t) for v, t in times.items()}
                 ratio = lambda v: f'{ms[v]:.1f} ms ({ms[v] / ms[base]:.2f}x)' if v in ms else '-'

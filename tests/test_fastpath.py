@@ -82,7 +82,7 @@ def test_plan_follows_parameter_changes():
     close(fast(model, x), plain(other.eval(), x))
     # a replaced submodule and a replaced parameter, as surgery or a hand-made fine-tune makes
     pw1 = model.stages[2].blocks[1].pw1
-    pw1.bn = randomise_bn(nn.Sequential(nn.BatchNorm2d(pw1.bn.num_features)))[0].eval()
+    pw1.bn = randomise_bn(nn.BatchNorm2d(pw1.bn.num_features)).eval()
     block.large_kernel.smp.conv.weight_coord = nn.Parameter(block.large_kernel.smp.conv.weight_coord * 0.9)
     close(fast(model, x), plain(model, x))
     model.train()
