@@ -209,8 +209,10 @@ def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> L
     configure('train form')
     cl = torch.channels_last
     torch.manual_seed(0)
-    base = timm.create_model(BASELINES[name]).to(device).eval()
-    ours = timm.create_model(name).to(device).eval()
+    # both models channels-last, as the input (a baseline with NCHW weights re-lays some of them out on every call);
+    # the NCHW train-step row converts its copies back
+    base = timm.create_model(BASELINES[name]).to(device, memory_format=cl).eval()
+    ours = timm.create_model(name).to(device, memory_format=cl).eval()
     deploy = reparameterize_model(ours)
     bf16 = torch.bfloat16
     rows = []
@@ -248,7 +250,7 @@ def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> L
         return fn
 
     x, y = torch.randn(8, 3, 224, 224, device=device), torch.randint(0, 1000, (8,), device=device)
-    t_ours, t_base = copy.deepcopy(ours), copy.deepcopy(base)
+    t_ours, t_base = (copy.deepcopy(m).to(memory_format=torch.contiguous_format) for m in (ours, base))
     add('train step fp32, NCHW (model and input)', 8, train_step(t_ours, x, y), train_step(t_base, x, y), max(2, reps // 2))
     xc = x.contiguous(memory_format=cl)
     t_ours, t_base = t_ours.to(memory_format=cl), t_base.to(memory_format=cl)
