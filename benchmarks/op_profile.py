@@ -12,12 +12,9 @@ import collections
 import time
 
 import torch
-import timm
-from timm.utils import reparameterize_model
 from torch.profiler import ProfilerActivity, profile
 
-import smpconv_timm  # noqa: F401
-from bench import BASELINES, _table  # benchmarks/bench.py, beside this file
+from bench import BASELINES, _table, build  # benchmarks/bench.py, beside this file
 
 _MATMULS = {'aten::addmm', 'aten::mm', 'aten::bmm', 'aten::linear', 'aten::matmul'}
 
@@ -67,11 +64,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224).to(dtype).contiguous(memory_format=torch.channels_last)
     for name in args.models:
         results = {}
-        for model_name in (name, BASELINES[name]):
-            model = timm.create_model(model_name).eval()
-            if model_name == name and args.form == 'deploy':
-                model = reparameterize_model(model)
-            model = model.to(dtype, memory_format=torch.channels_last)
+        for model_name, form in ((name, args.form), (BASELINES[name], 'train form')):
+            model = build(model_name, form, 'cpu').eval().to(dtype)  # channels-last, as bench.py times them
             results[model_name] = profile_forward(model, x, args.reps)
         (wall_a, ga), (wall_b, gb) = results[name], results[BASELINES[name]]
         rows = [['op', f'{name} ms', f'{BASELINES[name]} ms']]
