@@ -71,17 +71,17 @@ def configure(form: str) -> None:
     channels-last conversion at the stem: the authors' model runs NCHW input as NCHW)."""
     global _OWN_STEM_LAYOUT
     from smpconv_timm import smpconv
-    from smpconv_timm.kernels import dwconv, set_inference_fast_path, set_training_recompute
+    from smpconv_timm import config
     if _OWN_STEM_LAYOUT is None:
         _OWN_STEM_LAYOUT = smpconv._channels_last_on_cpu
     plain = form.startswith('release')
     smpconv._channels_last_on_cpu = (lambda x: x) if plain else _OWN_STEM_LAYOUT
-    set_inference_fast_path(not plain)
-    set_training_recompute(not plain)
+    config.set_inference_fast_path(not plain)
+    config.set_training_recompute(not plain)
     if plain:
-        dwconv.set_algorithms(forward='direct', input_grad='native', weight_grad='native')
+        config.set_dwconv_algorithms(forward='direct', input_grad='native', weight_grad='native')
     else:
-        dwconv.set_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
+        config.set_dwconv_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
 
 
 def build(name: str, form: str, device: str):

@@ -2,6 +2,7 @@
 from .checkpoint import CheckpointError, load_checkpoint_file, select_state_dict
 from .layers import RADIUS_LR_SCALE, RADIUS_MAX, RADIUS_MIN, SMPConv2d, clamp_radii_, smp_kernel
 from .smpconv import SMPConvNet, checkpoint_filter_fn, smpconv_b, smpconv_t
+from . import config
 from .variants import HF_HUB_NAMESPACE, MODEL_NAMES, VARIANTS, Variant
 
 __version__ = '0.1.0'

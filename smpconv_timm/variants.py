@@ -4,15 +4,11 @@ Architectures and release regularisation from the authors' code (``SMPCONV_REFER
 reported in the paper (Kim & Park, CVPR 2023, arXiv:2304.02330), cited, not re-measured here.
 """
 import dataclasses
-import os
 from typing import Any, Dict, Tuple
 
 __all__ = ['Variant', 'VARIANTS', 'MODEL_NAMES', 'PRETRAINED_TAG', 'HF_HUB_NAMESPACE']
 
-#: Hugging Face Hub namespace (user or organisation) that serves the pretrained weights:
-#: ``<namespace>/smpconv_t.in1k``. Forks and mirrors override it with the ``SMPCONV_HF_NAMESPACE``
-#: environment variable, read when ``smpconv_timm`` is imported.
-HF_HUB_NAMESPACE = os.environ.get('SMPCONV_HF_NAMESPACE', 'smpconv-timm')
+from .config import HF_HUB_NAMESPACE  # forks and mirrors: SMPCONV_HF_NAMESPACE, read when smpconv_timm is imported
 
 #: the tag of the pretrained weights: the authors' ImageNet-1k checkpoints
 PRETRAINED_TAG = 'in1k'

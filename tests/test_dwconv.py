@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smpconv_timm import config
 from smpconv_timm.kernels import dwconv
 
 SHAPES = [  # N, C, H, W, k, padding
@@ -19,9 +20,8 @@ SHAPES = [  # N, C, H, W, k, padding
 
 @pytest.fixture(autouse=True)
 def restore_algorithms():
-    saved = dwconv.get_algorithms()
-    yield
-    dwconv.set_algorithms(**saved)
+    with config.set_dwconv_algorithms():
+        yield
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -37,7 +37,7 @@ def test_every_algorithm_matches_conv2d(shape, channels_last):
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, weight, bias), grad)
     for algos in itertools.product(*dwconv.ALGORITHMS.values()):
-        dwconv.set_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
+        config.set_dwconv_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
         out = dwconv.depthwise_conv2d(xin, weight, bias, 1, p)
         grads = torch.autograd.grad(out, (x, weight, bias), grad)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=str(algos))
@@ -49,7 +49,7 @@ def test_every_algorithm_matches_conv2d(shape, channels_last):
 
 @pytest.mark.parametrize('algos', list(itertools.product(*dwconv.ALGORITHMS.values())))
 def test_gradcheck_float64(algos):
-    dwconv.set_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
+    config.set_dwconv_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -58,7 +58,7 @@ def test_gradcheck_float64(algos):
 
 
 def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):
-    dwconv.set_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
+    config.set_dwconv_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
     monkeypatch.setattr(dwconv, '_tuned', {})
     x = torch.randn(2, 4, 12, 12, requires_grad=True)
     weight = torch.randn(4, 1, 9, 9, requires_grad=True)
@@ -67,15 +67,34 @@ def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):
     assert stages == ['forward', 'input_grad', 'weight_grad']
     assert all(algo in dwconv.ALGORITHMS[key[0]] for key, algo in dwconv._tuned.items())
     with pytest.raises(ValueError, match="unknown weight_grad algorithm 'winograd'"):
-        dwconv.set_algorithms(weight_grad='winograd')
+        config.set_dwconv_algorithms(weight_grad='winograd')
     with pytest.raises(ValueError, match="unknown stage 'backward'"):
-        dwconv.set_algorithms(backward='fft')
+        config.set_dwconv_algorithms(backward='fft')
 
 
 def test_environment_override(monkeypatch):
     monkeypatch.setenv('SMPCONV_DWCONV', 'weight_grad=fft,forward=direct')
-    dwconv._from_env()
-    assert dwconv.get_algorithms() == {'forward': 'direct', 'input_grad': 'auto', 'weight_grad': 'fft'}
+    assert config._env_dwconv() == {'forward': 'direct', 'input_grad': 'auto', 'weight_grad': 'fft'}
+    for bad in ('weight_grad', 'weight_grad=winograd', 'backward=fft'):
+        monkeypatch.setenv('SMPCONV_DWCONV', bad)
+        with pytest.raises(ValueError, match='SMPCONV_DWCONV|unknown'):
+            config._env_dwconv()
+
+
+def test_switches_restore_as_context_managers(monkeypatch):
+    before = config.dwconv_algorithms()
+    with config.set_dwconv_algorithms(forward='fft'):
+        assert config.dwconv_algorithms() == dict(before, forward='fft')
+        config.set_dwconv_algorithms(weight_grad='native')  # a plain call inside: undone on exit too
+    assert config.dwconv_algorithms() == before
+    with config.set_inference_fast_path(False), config.set_training_recompute(False):
+        assert not config.use_inference_fast_path() and not config.use_training_recompute()
+    assert config.use_inference_fast_path() and config.use_training_recompute()
+    monkeypatch.setenv('SMPCONV_FASTPATH', 'off')
+    assert config._env_flag('SMPCONV_FASTPATH', True) is False
+    monkeypatch.setenv('SMPCONV_FASTPATH', 'maybe')
+    with pytest.raises(ValueError, match='SMPCONV_FASTPATH'):
+        config._env_flag('SMPCONV_FASTPATH', True)
 
 
 def test_fft_lengths_are_smooth():

@@ -8,7 +8,8 @@ import torch.nn as nn
 from timm.utils import reparameterize_model
 
 import smpconv_timm.smpconv as smpconv_module
-from smpconv_timm.kernels import act_name, set_inference_fast_path, set_training_recompute
+from smpconv_timm.config import set_inference_fast_path, set_training_recompute
+from smpconv_timm.kernels import act_name
 from smpconv_timm.smpconv import ConvFfnBlock, SmpBlock
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
@@ -98,12 +99,8 @@ def test_fast_path_only_where_it_applies():
         model(x)
     model.eval()
     model(x)  # autograd on
-    set_inference_fast_path(False)
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        set_inference_fast_path(True)
+    with set_inference_fast_path(False), torch.no_grad():
+        model(x)
     assert '_fast_plan' not in block.__dict__
     with torch.no_grad():
         model(x)
@@ -127,12 +124,9 @@ def test_training_recomputation_matches_plain_autograd(monkeypatch):
     out = model(x)
     out.square().mean().backward()
     assert len(calls) == sum(isinstance(m, ConvFfnBlock) for m in model.modules())
-    set_training_recompute(False)
-    try:
+    with set_training_recompute(False):
         out_ref = ref(x)
         out_ref.square().mean().backward()
-    finally:
-        set_training_recompute(True)
     assert len(calls) == 5
     torch.testing.assert_close(out, out_ref)
     scale = max(p.grad.abs().max() for p in ref.parameters())

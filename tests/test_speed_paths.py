@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 from smpconv_timm import SMPConv2d
-from smpconv_timm.kernels import FusedConv, dwconv, set_inference_fast_path, set_training_recompute
+from smpconv_timm.config import set_dwconv_algorithms, set_inference_fast_path, set_training_recompute
+from smpconv_timm.kernels import FusedConv, dwconv
 
 from test_fastpath import randomise_bn  # non-trivial BatchNorm statistics, so that folding them is exercised
 
@@ -141,12 +142,8 @@ def test_autocast_takes_the_fast_path_with_autocast_semantics(deploy):
     if deploy:
         model = reparameterize_model(model)
     x = torch.randn(2, 3, 64, 64)
-    set_inference_fast_path(False)
-    try:
-        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
-            ref = model(x)
-    finally:
-        set_inference_fast_path(True)
+    with set_inference_fast_path(False), torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        ref = model(x)
     assert not list(fused_convs(model))
     with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
         out = model(x)
@@ -168,9 +165,7 @@ def test_autocast_takes_the_fast_path_with_autocast_semantics(deploy):
 
 @pytest.mark.parametrize('algos', list(itertools.product(*dwconv.ALGORITHMS.values())))
 def test_bf16_autocast_smp_layer_gradients_match_float32(algos):
-    saved = dwconv.get_algorithms()
-    dwconv.set_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
-    try:
+    with set_dwconv_algorithms(**dict(zip(dwconv.ALGORITHMS, algos))):
         torch.manual_seed(0)
         layer = SMPConv2d(8, 7, bias=True)
         x = torch.randn(2, 8, 12, 12, requires_grad=True)
@@ -182,8 +177,6 @@ def test_bf16_autocast_smp_layer_gradients_match_float32(algos):
             out = layer(x)
         assert out.dtype == torch.bfloat16
         got = torch.autograd.grad(out, inputs, grad.to(torch.bfloat16))
-    finally:
-        dwconv.set_algorithms(**saved)
     for g, r in zip(got, ref):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, r, rtol=0, atol=2e-2 * r.abs().max().item())
@@ -196,20 +189,14 @@ def test_bf16_autocast_train_step():
     plain, fp32 = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(4, 3, 64, 64)
     y = torch.randint(0, 1000, (4,))
-    saved = dwconv.get_algorithms()
-    try:
-        dwconv.set_algorithms(forward='direct', input_grad='direct', weight_grad='fft')
+    with set_dwconv_algorithms(forward='direct', input_grad='direct', weight_grad='fft'):
         with torch.autocast('cpu', torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        set_training_recompute(False)
-        dwconv.set_algorithms(forward='direct', input_grad='native', weight_grad='native')
+    with set_training_recompute(False), set_dwconv_algorithms(forward='direct', input_grad='native', weight_grad='native'):
         with torch.autocast('cpu', torch.bfloat16):
             loss_plain = F.cross_entropy(plain(x), y)
         loss_plain.backward()
-    finally:
-        set_training_recompute(True)
-        dwconv.set_algorithms(**saved)
     loss_fp32 = F.cross_entropy(fp32(x), y)
     torch.testing.assert_close(loss.float(), loss_fp32, rtol=1e-2, atol=0)
     torch.testing.assert_close(loss, loss_plain)

@@ -5,13 +5,10 @@
 - ``recompute``: training that recomputes the FFN's 4x-wide BN / GELU outputs in backward instead of storing them.
 - ``runtime``: the one tracing predicate, autocast queries, and caches kept out of copies and pickles.
 
-Switches: ``set_inference_fast_path`` (``SMPCONV_FASTPATH=0``), ``set_training_recompute``
-(``SMPCONV_RECOMPUTE=0``), ``dwconv.set_algorithms`` (``SMPCONV_DWCONV``). With the first two off and
-``set_algorithms(forward='direct', input_grad='native', weight_grad='native')``, a model runs op for op what the
-authors' code runs.
+Their switches are in ``smpconv_timm.config``.
 """
 from . import dwconv
-from .dwconv import ALGORITHMS, crop_kernel, crop_taps, get_algorithms, set_algorithms
-from .fastpath import FusedConv, act_name, cached_plan, drop_plan, inference_path, set_inference_fast_path
-from .recompute import bn_gelu_conv, recompute_applies, set_training_recompute
+from .dwconv import ALGORITHMS, crop_kernel, crop_taps
+from .fastpath import FusedConv, act_name, cached_plan, drop_plan, inference_path
+from .recompute import bn_gelu_conv, recompute_applies
 from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, is_fx_tracing, is_tracing

@@ -11,51 +11,23 @@ runs a custom autograd function:
 
 Each of the three picks an algorithm per shape: ``'auto'`` (the default) times the candidates once per
 (device, dtype, shape) on the running machine and keeps the winner. Override with
-``set_algorithms(forward=..., input_grad=..., weight_grad=...)`` or the ``SMPCONV_DWCONV`` environment
-variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). Taps that only ever see zero padding
+``smpconv_timm.config.set_dwconv_algorithms(forward=..., input_grad=..., weight_grad=...)`` or the ``SMPCONV_DWCONV``
+environment variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). Taps that only ever see zero padding
 (maps smaller than the kernel) are skipped first.
 """
-import os
 import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['depthwise_conv2d', 'crop_kernel', 'crop_taps', 'set_algorithms', 'get_algorithms', 'ALGORITHMS']
+__all__ = ['depthwise_conv2d', 'crop_kernel', 'crop_taps', 'ALGORITHMS']
 
-ALGORITHMS = {
-    'forward': ('direct', 'fft'),
-    'input_grad': ('direct', 'fft', 'native'),
-    'weight_grad': ('native', 'fft'),
-}
-_choice: Dict[str, str] = {stage: 'auto' for stage in ALGORITHMS}
+ALGORITHMS = config.DWCONV_ALGORITHMS
 _tuned: Dict[tuple, str] = {}
-
-
-def set_algorithms(**choice: str) -> None:
-    """Fix the algorithm of ``forward``, ``input_grad`` or ``weight_grad`` (``'auto'`` to measure per shape)."""
-    for stage, algo in choice.items():
-        if stage not in ALGORITHMS:
-            raise ValueError(f'unknown stage {stage!r}; stages: {", ".join(ALGORITHMS)}')
-        if algo != 'auto' and algo not in ALGORITHMS[stage]:
-            raise ValueError(f'unknown {stage} algorithm {algo!r}; choose auto, {", ".join(ALGORITHMS[stage])}')
-        _choice[stage] = algo
-
-
-def get_algorithms() -> Dict[str, str]:
-    return dict(_choice)
-
-
-def _from_env() -> None:
-    spec = os.environ.get('SMPCONV_DWCONV', '').strip()
-    if spec:
-        set_algorithms(**dict(item.split('=', 1) for item in spec.split(',')))
-
-
-_from_env()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,7 +116,7 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 def _pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor]) -> str:
     """The algorithm for this stage and shape: fixed by the user, or the fastest measured here."""
-    algo = _choice[stage]
+    algo = config.dwconv_algorithms()[stage]
     if algo != 'auto':
         return algo
     key = (stage,) + key

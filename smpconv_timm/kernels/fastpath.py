@@ -9,11 +9,10 @@ rounding; ``tests/test_fastpath.py`` holds them to it.
 Where oneDNN's fused ops are unavailable (other devices, dtypes or PyTorch builds) the same plan runs
 as plain ``conv2d`` + activation + add.
 
-``set_inference_fast_path(False)`` (or ``SMPCONV_FASTPATH=0``) turns it off: eval then runs the plain
+``smpconv_timm.config.set_inference_fast_path(False)`` (or ``SMPCONV_FASTPATH=0``) turns it off: eval then runs the plain
 modules, op for op what the authors' code runs. (The training recomputation has its own switch, in
 ``recompute.py``.)
 """
-import os
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
@@ -21,19 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config
 from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'set_inference_fast_path']
-
-_ENABLED = os.environ.get('SMPCONV_FASTPATH', '1') != '0'
-
-
-def set_inference_fast_path(enabled: bool) -> bool:
-    """Turn the inference fast path on or off (default on, ``SMPCONV_FASTPATH=0`` off); returns the old setting."""
-    global _ENABLED
-    old, _ENABLED = _ENABLED, bool(enabled)
-    return old
+__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan']
 
 
 def _onednn_fusion_available() -> bool:
@@ -52,7 +43,7 @@ _ACTS = {'none': lambda x: x, 'relu': F.relu, 'gelu': F.gelu}
 def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
     """True where the fast path applies: eval mode, no autograd, eager execution (autocast included: the
     fused convs then run in the autocast dtype, as ``conv2d`` does under autocast)."""
-    if not _ENABLED or module.training or torch.is_grad_enabled() or is_tracing():
+    if not config.use_inference_fast_path() or module.training or torch.is_grad_enabled() or is_tracing():
         return False
     return x.device.type != 'meta'  # no data to fold on the meta device
 

@@ -8,25 +8,14 @@ runs PyTorch's own kernels (``native_batch_norm``, ``gelu``, ``convolution_backw
 ``native_batch_norm_backward``), so values and gradients are those of the plain modules up to float
 rounding, and running statistics are updated exactly as ``nn.BatchNorm2d`` does.
 """
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['bn_gelu_conv', 'recompute_applies', 'set_training_recompute']
-
-_ENABLED = os.environ.get('SMPCONV_RECOMPUTE', '1') != '0'
-
-
-def set_training_recompute(enabled: bool) -> bool:
-    """Turn the training recomputation on or off (default on, ``SMPCONV_RECOMPUTE=0`` off); returns the old
-    setting. Off, training keeps every activation autograd keeps for the plain modules."""
-    global _ENABLED
-    old, _ENABLED = _ENABLED, bool(enabled)
-    return old
+__all__ = ['bn_gelu_conv', 'recompute_applies']
 
 
 def recompute_applies(bn: nn.Module, x: torch.Tensor) -> bool:
@@ -35,7 +24,7 @@ def recompute_applies(bn: nn.Module, x: torch.Tensor) -> bool:
     if is_tracing():  # traced graphs record the plain modules (x may be an fx Proxy here)
         return False
     return (
-        _ENABLED and type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
+        config.use_training_recompute() and type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
         and torch.is_grad_enabled() and autocast_dtype(x.device.type) is None
     )
 
