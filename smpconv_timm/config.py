@@ -34,9 +34,9 @@ __all__ = [
 
 #: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``).
 DWCONV_ALGORITHMS: Dict[str, tuple] = {
-    'forward': ('direct', 'fft'),
-    'input_grad': ('direct', 'fft', 'native'),
-    'weight_grad': ('native', 'fft'),
+    'forward': ('direct', 'fft', 'toeplitz', 'direct_fp32'),
+    'input_grad': ('direct', 'fft', 'toeplitz', 'direct_fp32', 'native'),
+    'weight_grad': ('native', 'fft', 'toeplitz', 'native_fp32'),
 }
 
 

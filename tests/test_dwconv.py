@@ -1,6 +1,4 @@
 """The large-kernel depthwise conv: every algorithm equals F.conv2d and its gradients."""
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +12,13 @@ SHAPES = [  # N, C, H, W, k, padding
     (1, 2, 3, 5, 7, 3),
     (2, 3, 10, 10, 6, 3),  # even kernel
     (1, 2, 9, 9, 3, 0),
+    (2, 3, 8, 7, 5, 4),  # padding wider than the kernel's half: output larger than the input
     (2, 5, 20, 16, 31, 15),
 ]
+
+#: every (stage, candidate) pair; the other two stages stay at PyTorch's own algorithms
+STAGE_CANDIDATES = [(stage, algo) for stage, algos in dwconv.ALGORITHMS.items() for algo in algos]
+PLAIN = dict(forward='direct', input_grad='native', weight_grad='native')
 
 
 @pytest.fixture(autouse=True)
@@ -24,37 +27,75 @@ def restore_algorithms():
         yield
 
 
-@pytest.mark.parametrize('shape', SHAPES)
+def conv_and_grads(x, weight, bias, padding, grad, conv):
+    x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+    out = conv(x, weight, bias, padding)
+    return (out, *torch.autograd.grad(out, (x, weight, bias), grad))
+
+
+@pytest.mark.parametrize('stage, algo', STAGE_CANDIDATES)
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_every_algorithm_matches_conv2d(shape, channels_last):
-    n, c, h, w, k, p = shape
-    torch.manual_seed(0)
-    x = torch.randn(n, c, h, w, requires_grad=True)
-    weight = torch.randn(c, 1, k, k, requires_grad=True)
-    bias = torch.randn(c, requires_grad=True)
-    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    ref = F.conv2d(xin, weight, bias, 1, p, 1, c)
-    grad = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (x, weight, bias), grad)
-    for algos in itertools.product(*dwconv.ALGORITHMS.values()):
-        config.set_dwconv_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
-        out = dwconv.depthwise_conv2d(xin, weight, bias, 1, p)
-        grads = torch.autograd.grad(out, (x, weight, bias), grad)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=str(algos))
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * r.abs().max().item(), msg=str(algos))
+def test_every_candidate_equals_conv2d_in_float64(stage, algo, channels_last):
+    """Forward, input and weight gradient of each candidate against F.conv2d's, float64, odd and even sizes and
+    kernels, maps smaller than the kernel, any padding."""
+    config.set_dwconv_algorithms(**dict(PLAIN, **{stage: algo}))
+    for n, c, h, w, k, p in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(n, c, h, w, dtype=torch.float64)
         if channels_last:
-            assert out.is_contiguous(memory_format=torch.channels_last), algos
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(c, 1, k, k, dtype=torch.float64)
+        bias = torch.randn(c, dtype=torch.float64)
+        grad = torch.randn(n, c, h + 2 * p - k + 1, w + 2 * p - k + 1, dtype=torch.float64)
+        ref = conv_and_grads(x, weight, bias, p, grad, lambda x, w, b, pad: F.conv2d(x, w, b, 1, pad, 1, c))
+        got = conv_and_grads(x, weight, bias, p, grad, lambda x, w, b, pad: dwconv.depthwise_conv2d(x, w, b, 1, pad))
+        for name, g, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10 * r.abs().max().item(),
+                                       msg=lambda m: f'{stage}={algo} {name} {(n, c, h, w, k, p)}: {m}')
+        if channels_last:
+            assert got[0].is_contiguous(memory_format=torch.channels_last), algo
 
 
-@pytest.mark.parametrize('algos', list(itertools.product(*dwconv.ALGORITHMS.values())))
-def test_gradcheck_float64(algos):
-    config.set_dwconv_algorithms(**dict(zip(dwconv.ALGORITHMS, algos)))
+@pytest.mark.parametrize('stage, algo', STAGE_CANDIDATES)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_every_candidate_in_half_precision(stage, algo, dtype):
+    """bf16 / fp16 inputs: each candidate within half-precision rounding of the exact result (float64 of the same
+    rounded inputs), in the input's dtype."""
+    config.set_dwconv_algorithms(**dict(PLAIN, **{stage: algo}))
+    n, c, h, w, k, p = 2, 8, 20, 18, 13, 6
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(c, 1, k, k) / k).to(dtype), torch.randn(c).to(dtype)
+    grad = torch.randn(n, c, h, w).to(dtype)
+    exact = conv_and_grads(*(t.double() for t in (x, weight, bias)), p, grad.double(),
+                           lambda x, w, b, pad: F.conv2d(x, w, b, 1, pad, 1, c))
+    got = conv_and_grads(x, weight, bias, p, grad, lambda x, w, b, pad: dwconv.depthwise_conv2d(x, w, b, 1, pad))
+    for name, g, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, exact):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-2 * r.abs().max().item(), msg=f'{algo} {name}')
+
+
+@pytest.mark.parametrize('stage, algo', STAGE_CANDIDATES)
+def test_gradcheck_float64(stage, algo):
+    config.set_dwconv_algorithms(**{stage: algo})
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: dwconv.depthwise_conv2d(*a, 1, 2), (x, weight, bias))
+
+
+def test_band_weight_is_the_kernel_as_banded_matrices():
+    """Row a of the band of channel c maps an image row to the row convolved with kernel row a (padding folded in)."""
+    torch.manual_seed(0)
+    c, k, width, pad = 3, 5, 9, 2
+    weight = torch.randn(c, 1, k, k, dtype=torch.float64)
+    band = dwconv.band_weight(weight, width, pad).reshape(c, width, width, k)  # (C, W_out, W, kh)
+    row = torch.randn(width, dtype=torch.float64)
+    for ch in range(c):
+        for a in range(k):
+            ref = F.conv1d(row[None, None], weight[ch, :, a][None], padding=pad)[0, 0]
+            torch.testing.assert_close(band[ch, :, :, a] @ row, ref)
 
 
 def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):

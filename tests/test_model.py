@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
-from smpconv_timm import VARIANTS, SMPConv2d, checkpoint_filter_fn
+from smpconv_timm import VARIANTS, SMPConv2d, checkpoint_filter_fn, config
 from smpconv_timm.flops import resolve_model_name
+from smpconv_timm.kernels import FusedConv
 
 from golden_fixtures import golden_tolerance, release_state_dict
 
@@ -32,6 +33,27 @@ def test_golden_logits_through_the_user_path(release_checkpoint, golden, golden_
     assert np.abs(out - ref).max() < golden_tolerance(ref)
     other = golden[f'smpconv_{variant}_{"model" if ema else "ema"}_logits_fp64']
     assert np.abs(out - other).max() > 100 * golden_tolerance(ref)  # really the requested weight set
+
+
+@pytest.mark.parametrize('algo', config.DWCONV_ALGORITHMS['forward'])
+def test_golden_logits_with_each_large_kernel_algorithm_forced(release_checkpoint, golden, golden_input, algo):
+    """Each forward candidate of the large depthwise conv, in the fused eval path and through the plain modules."""
+    model = load_release(release_checkpoint('t'), 't')
+    ref = golden['smpconv_t_ema_logits_fp64']
+    x = golden_input.contiguous(memory_format=torch.channels_last)
+    for fast_path in (True, False):
+        with config.set_dwconv_algorithms(forward=algo), config.set_inference_fast_path(fast_path), torch.no_grad():
+            out = model(x).double().numpy()
+        assert np.abs(out - ref).max() < golden_tolerance(ref), fast_path
+    if algo != 'fft':  # the fused path ran the forced algorithm
+        plans = [p for m in model.modules() for f in _fused(m) if f.large_kernel for p in f._packed.values()]
+        assert plans and all(p.algo == ('direct' if algo == 'direct_fp32' else algo) for p in plans)
+
+
+def _fused(module):
+    plan = module.__dict__.get('_fast_plan')
+    return [] if plan is None else [f for f in (plan[1] if isinstance(plan[1], tuple) else (plan[1],))
+                                    if isinstance(f, FusedConv)]
 
 
 @pytest.mark.slow  # float64 convs at 224: ~1 min on 2 cores

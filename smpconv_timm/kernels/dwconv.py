@@ -1,19 +1,36 @@
 """Large-kernel depthwise convolution for SMPConv2d and its deploy form: fast forward and backward.
 
 ``depthwise_conv2d(x, weight, bias, stride, padding)`` equals ``F.conv2d(..., groups=C)``. For stride 1 it
-runs a custom autograd function:
+runs a custom autograd function whose three stages each have candidates, all plain PyTorch ops:
 
-- forward: oneDNN's direct depthwise conv (very fast on channels-last CPU tensors), or an FFT conv;
-- input gradient: the forward conv again, with the flipped kernel (PyTorch's own depthwise backward,
-  ``'native'``, is up to 2x slower on channels-last CPU tensors);
-- weight gradient: the cross-correlation of input and output gradient, by FFT, or by PyTorch's own
-  ``convolution_backward``, which on CPU takes up to 30x the forward time for 31x31 kernels.
+- forward: ``direct``, oneDNN's direct depthwise conv (very fast on channels-last CPU tensors); ``fft``, an FFT
+  conv; ``toeplitz``, the conv as matrix products (below); ``direct_fp32``, for bf16 / fp16 inputs, the direct
+  conv run in float32 and rounded back (no depthwise conv reaches a CPU's matrix units, and oneDNN's float32
+  kernel is faster than its bf16 one on some CPUs);
+- input gradient: the forward conv with the flipped kernel by any forward candidate, or ``native``, PyTorch's
+  own depthwise backward (up to 2x slower on channels-last CPU tensors);
+- weight gradient: ``native``, PyTorch's own ``convolution_backward`` (on CPU up to 30x the forward time for
+  31x31 kernels); ``fft``, the cross-correlation of input and output gradient by FFT; ``toeplitz``; and
+  ``native_fp32`` for bf16 / fp16 inputs.
 
-Each of the three picks an algorithm per shape: ``'auto'`` (the default) times the candidates once per
+``toeplitz``: kernel row ``a`` of channel ``c`` acts on an image row as a banded (Toeplitz) matrix
+``B[c, a]`` of shape (W_out, W), ``B[c, a][j, w] = K[c, a, w - j + pad]`` inside the band, 0 outside (the
+horizontal zero padding is folded into the band). With the image rows of each channel laid out as channels,
+``(N, C * W, H, 1)``, the conv is one grouped conv over H with ``C`` groups of ``W`` input and ``W_out`` output
+channels and the ``kh`` matrices as its taps: implicit GEMMs of depth ``W * kh`` that a CPU's or GPU's matrix
+units run (AMX, tensor cores), at ``W / kw`` times the multiply-adds of the direct conv. Its backward is the same
+conv's (oneDNN / cuDNN), the band's gradient summed back along its diagonals onto the kernel.
+
+Each stage picks an algorithm per shape: ``'auto'`` (the default) times the candidates once per
 (device, dtype, shape) on the running machine and keeps the winner. Override with
 ``smpconv_timm.config.set_dwconv_algorithms(forward=..., input_grad=..., weight_grad=...)`` or the ``SMPCONV_DWCONV``
 environment variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). Taps that only ever see zero padding
 (maps smaller than the kernel) are skipped first.
+
+All candidates give ``F.conv2d``'s result up to float rounding for finite inputs. A non-finite input value makes
+the outputs of its image and channel that it reaches non-finite in every candidate; ``fft`` and ``toeplitz`` reach
+further within that image and channel than the kernel's window (the whole map, or whole rows), never another image
+or channel.
 """
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -24,7 +41,8 @@ import torch.nn.functional as F
 from .. import config
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['depthwise_conv2d', 'crop_kernel', 'crop_taps', 'ALGORITHMS']
+__all__ = ['depthwise_conv2d', 'band_weight', 'rows_shape', 'to_rows', 'from_rows', 'layout', 'candidates', 'pick', 'crop_kernel',
+           'crop_taps', 'ALGORITHMS']
 
 ALGORITHMS = config.DWCONV_ALGORITHMS
 _tuned: Dict[tuple, str] = {}
@@ -84,13 +102,90 @@ def _weight_grad_fft(x, grad, kernel: Tuple[int, int], padding: Tuple[int, int])
     return _lag_window(spec.sum(0), size, lo, kernel).unsqueeze(1)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def rows_shape(x: torch.Tensor) -> Tuple[int, int, int, int]:
+    n, c, h, w = x.shape
+    return n, c * w, h, 1
+
+
+def to_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C * W, H, 1), channels-last: each channel's image columns as channels, H as the
+    spatial axis (memory (N, H, C, W), one copy from either layout)."""
+    n, c, h, w = x.shape
+    rows = torch.empty(rows_shape(x), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    rows.permute(0, 2, 3, 1).view(n, h, c, w).copy_(x.permute(0, 2, 1, 3))
+    return rows
+
+
+def from_rows(y: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
+    """Inverse of ``to_rows`` for a (N, C * W, H, 1) channels-last result, in ``layout``."""
+    n, cw, h, _ = y.shape
+    w = cw // channels
+    return y.permute(0, 2, 3, 1).reshape(n, h, channels, w).permute(0, 2, 1, 3).contiguous(memory_format=layout)
+
+
+def _band_taps(width: int, out_width: int, kw: int, pad: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tap index, inside-band mask), both (W_out, W): output column j reads input column w through tap w - j + pad."""
+    tap = torch.arange(width, device=device)[None, :] - torch.arange(out_width, device=device)[:, None] + pad
+    inside = (tap >= 0) & (tap < kw)
+    return tap.clamp(0, kw - 1), inside
+
+
+def band_weight(weight: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+    """The ``toeplitz`` form of a depthwise kernel (C, 1, kh, kw) for inputs ``width`` wide with horizontal
+    padding ``pad``: the grouped-conv weight (C * W_out, W, kh, 1), channels-last."""
+    c, _, kh, kw = weight.shape
+    out_width = width + 2 * pad - kw + 1
+    tap, inside = _band_taps(width, out_width, kw, pad, weight.device)
+    band = torch.where(inside, weight[:, 0][:, :, tap], weight.new_zeros(()))  # (C, kh, W_out, W)
+    return band.permute(0, 2, 3, 1).reshape(c * out_width, width, kh, 1).contiguous(memory_format=torch.channels_last)
+
+
+def _band_to_kernel(band_grad: torch.Tensor, channels: int, kernel: Tuple[int, int], pad: int) -> torch.Tensor:
+    """Adjoint of ``band_weight``: sums a band gradient (C * W_out, W, kh, 1) along its diagonals onto the
+    kernel (C, 1, kh, kw), in float32 at least."""
+    kh, kw = kernel
+    cw_out, width = band_grad.shape[:2]
+    out_width = cw_out // channels
+    grad = band_grad.reshape(channels, out_width, width, kh).permute(0, 3, 1, 2)  # (C, kh, W_out, W)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    # column w + pad of row j holds tap (w + pad) - j: with a row length L, diagonal b starts at b and steps L + 1
+    length = max(pad + width, out_width + kw - 1)
+    padded = F.pad(grad, (pad, length - pad - width)).contiguous()
+    s = padded.stride()
+    diagonals = padded.as_strided((channels, kh, out_width, kw), (s[0], s[1], length + 1, 1))
+    return diagonals.sum(2).unsqueeze(1)
+
+
+def _conv_toeplitz(x, weight, padding):
+    band = band_weight(weight, x.shape[-1], padding[1])
+    out = F.conv2d(to_rows(x), band, None, 1, (padding[0], 0), 1, x.shape[1])
+    return from_rows(out, x.shape[1], layout(x))
+
+
+def _weight_grad_toeplitz(x, grad, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    c, w = x.shape[1], x.shape[-1]
+    band_shape = torch.empty((c * grad.shape[-1], w, kernel[0], 1), dtype=grad.dtype, device=grad.device,
+                             memory_format=torch.channels_last)
+    band_grad = torch.ops.aten.convolution_backward(
+        to_rows(grad), to_rows(x), band_shape, None, [1, 1], [padding[0], 0], [1, 1], False, [0, 0], c,
+        [False, True, False])[1]
+    return _band_to_kernel(band_grad, c, kernel, padding[1])
+
+
 def _conv_direct(x, weight, padding):
     return F.conv2d(x, weight, None, 1, padding, 1, x.shape[1])
 
 
 def _forward(algo, x, weight, padding):
     if algo == 'fft':
-        return _conv_fft(x, weight, padding).contiguous(memory_format=_layout(x))
+        return _conv_fft(x, weight, padding).contiguous(memory_format=layout(x))
+    if algo == 'toeplitz':
+        return _conv_toeplitz(x, weight, padding)
+    if algo == 'direct_fp32' and x.dtype in _HALF:
+        return _conv_direct(x.float(), weight.float(), padding).to(x.dtype)
     return _conv_direct(x, weight, padding)
 
 
@@ -105,31 +200,47 @@ def _input_grad(algo, grad, weight, padding, x):
 def _weight_grad(algo, x, grad, weight, padding):
     if algo == 'fft':
         return _weight_grad_fft(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
+    if algo == 'toeplitz':
+        return _weight_grad_toeplitz(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
+    if algo == 'native_fp32' and x.dtype in _HALF:
+        return _weight_grad('native', x.float(), grad.float(), weight.float(), padding).to(weight.dtype)
     return torch.ops.aten.convolution_backward(
         grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], x.shape[1], [False, True, False])[1]
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
+def layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
 
 
-def _pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor]) -> str:
-    """The algorithm for this stage and shape: fixed by the user, or the fastest measured here."""
+def candidates(stage: str, dtype: torch.dtype) -> Tuple[str, ...]:
+    """The algorithms ``'auto'`` chooses from for this stage and input dtype (the ``_fp32`` ones for bf16 / fp16)."""
+    return tuple(a for a in ALGORITHMS[stage] if not a.endswith('_fp32') or dtype in _HALF)
+
+
+def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Optional[Tuple[str, ...]] = None) -> str:
+    """The algorithm for this stage and shape: fixed by the user, or the fastest measured here.
+
+    ``key`` starts with (device type, dtype); ``names``: the candidates to time (default: all of this stage and
+    dtype). Each runs once to warm up (plans, packing), then its best of two timed runs counts.
+    """
     algo = config.dwconv_algorithms()[stage]
     if algo != 'auto':
         return algo
     key = (stage,) + key
     if key not in _tuned:
+        sync = torch.cuda.synchronize if key[1] == 'cuda' else (lambda: None)
         timings = {}
-        for candidate in ALGORITHMS[stage]:
-            run(candidate)  # warm-up (plans, packing)
-            sync = torch.cuda.synchronize if key[1] == 'cuda' else (lambda: None)
-            sync()
-            start = time.perf_counter()
+        for candidate in names or candidates(stage, key[2]):
             run(candidate)
-            sync()
-            timings[candidate] = time.perf_counter() - start
+            best = float('inf')
+            for _ in range(2):
+                sync()
+                start = time.perf_counter()
+                run(candidate)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            timings[candidate] = best
         _tuned[key] = min(timings, key=timings.get)
     return _tuned[key]
 
@@ -138,8 +249,8 @@ class _DepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
-        key = (x.device.type, x.dtype, tuple(x.shape), _layout(x), tuple(weight.shape), padding)
-        algo = _pick('forward', key, lambda a: _forward(a, x, weight, padding))
+        key = (x.device.type, x.dtype, tuple(x.shape), layout(x), tuple(weight.shape), padding)
+        algo = pick('forward', key, lambda a: _forward(a, x, weight, padding))
         out = _forward(algo, x, weight, padding)
         if bias is not None:
             out = out + bias.reshape(1, -1, 1, 1)
@@ -151,12 +262,12 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        key = ctx.key + (_layout(grad),)
+        key = ctx.key + (layout(grad),)
         if ctx.needs_input_grad[0]:
-            algo = _pick('input_grad', key, lambda a: _input_grad(a, grad, weight, ctx.padding, x))
+            algo = pick('input_grad', key, lambda a: _input_grad(a, grad, weight, ctx.padding, x))
             grad_x = _input_grad(algo, grad, weight, ctx.padding, x)
         if ctx.needs_input_grad[1]:
-            algo = _pick('weight_grad', key, lambda a: _weight_grad(a, x, grad, weight, ctx.padding))
+            algo = pick('weight_grad', key, lambda a: _weight_grad(a, x, grad, weight, ctx.padding))
             grad_w = _weight_grad(algo, x, grad, weight, ctx.padding)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))

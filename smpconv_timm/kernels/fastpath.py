@@ -14,13 +14,14 @@ modules, op for op what the authors' code runs. (The training recomputation has 
 ``recompute.py``.)
 """
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import config
+from . import dwconv
 from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, is_tracing
 
@@ -85,17 +86,21 @@ class FusedConv:
     """``act(conv2d(x) + bias)`` or ``conv2d(x) + bias + residual`` for inference, from folded weights.
 
     Under autocast the conv runs in the autocast dtype (weights cast once and kept), as autocast runs
-    ``conv2d``. oneDNN-packed weights are kept per input geometry (shape, dtype), the last
-    ``MAX_GEOMETRIES`` of them.
+    ``conv2d``. On CPU the weights are prepacked into oneDNN's blocked layout per input geometry (shape, dtype),
+    the last ``MAX_GEOMETRIES`` of them. A large depthwise kernel (stride 1) also picks its algorithm per geometry
+    among ``dwconv``'s forward candidates that fuse: ``direct``, ``toeplitz`` (its band matrices prepacked) and, for
+    bf16 / fp16 inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training).
     """
     MAX_GEOMETRIES = 4
+    _FUSED_CANDIDATES = ('direct', 'toeplitz', 'direct_fp32')
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
                  groups: int = 1, act: str = 'none'):
         self.weight, self.bias = weight.detach(), bias.detach()
         self.stride, self.padding, self.groups, self.act = stride, padding, groups, act
         self.depthwise = groups > 1 and groups == weight.shape[0] and weight.shape[1] == 1
-        self._packed: 'OrderedDict[tuple, Tuple[torch.Tensor, Tuple[int, int]]]' = OrderedDict()
+        self.large_kernel = self.depthwise and stride == 1 and weight.shape[-1] > 3
+        self._packed: 'OrderedDict[tuple, _Plan]' = OrderedDict()
         self._cast: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self):
@@ -122,7 +127,7 @@ class FusedConv:
             return self._run(x, None, weight, bias) + residual  # type promotion as the plain add has it
         onednn_dtype = x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
         if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
-            return self._onednn(x, residual, weight, bias)
+            return self._onednn(x, residual, self._plan(x, weight, bias))
         if self.depthwise:
             y = depthwise_conv2d(x, weight, bias, self.stride, self.padding)
         else:
@@ -130,34 +135,70 @@ class FusedConv:
         y = _ACTS[self.act](y)
         return y if residual is None else y + residual
 
-    def _weight_for(self, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """The oneDNN-packed weight for this input geometry (taps that only see padding cropped, as in
-        ``depthwise_conv2d``); oneDNN picks the blocked layout by input shape."""
+    def _plan(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> '_Plan':
+        """The algorithm and oneDNN-packed weights for this input geometry (taps that only see padding cropped, as
+        in ``depthwise_conv2d``); oneDNN picks the blocked layout by input shape."""
         key = (tuple(x.shape), x.dtype, x.is_contiguous())
-        packed = self._packed.get(key)
-        if packed is not None:
+        plan = self._packed.get(key)
+        if plan is not None:
             self._packed.move_to_end(key)
-            return packed
+            return plan
         padding = (self.padding, self.padding)
         if self.depthwise and self.stride == 1:
             weight, padding = crop_kernel(weight, self.padding, x.shape[-2:])
             weight = weight.contiguous()
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, list(padding), [self.stride] * 2, [1, 1], self.groups, list(x.shape))
-        self._packed[key] = (packed, padding)
+        if self.large_kernel:
+            built: Dict[str, _Plan] = {}
+
+            def run(algo: str) -> torch.Tensor:
+                if algo not in built:
+                    built[algo] = self._pack(algo, x, weight, bias, padding)
+                return self._onednn(x, None, built[algo])
+
+            names = tuple(a for a in self._FUSED_CANDIDATES if a in dwconv.candidates('forward', x.dtype))
+            algo = dwconv.pick('forward', (x.device.type, x.dtype, tuple(x.shape), x.is_contiguous(),
+                                           tuple(weight.shape), padding, 'fused'), run, names)
+            plan = built.get(algo) or self._pack(algo if algo in names else 'direct', x, weight, bias, padding)
+        else:
+            plan = self._pack('direct', x, weight, bias, padding)
+        self._packed[key] = plan
         while len(self._packed) > self.MAX_GEOMETRIES:
             self._packed.popitem(last=False)
-        return self._packed[key]
+        return plan
 
-    def _onednn(self, x, residual, weight, bias) -> torch.Tensor:
-        weight, padding = self._weight_for(x, weight)
-        geometry = (list(padding), [self.stride] * 2, [1, 1], self.groups)
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, bias, *geometry, self.act, [], 'none' if self.act == 'gelu' else '')
-        assert self.act == 'none', 'a fused residual add takes no activation'
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, bias, *geometry, 'add', None, None, [], None)
+    def _pack(self, algo: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding) -> '_Plan':
+        shape = list(x.shape)
+        if algo == 'toeplitz':
+            weight = dwconv.band_weight(weight, x.shape[-1], padding[1])
+            bias = bias.repeat_interleave(weight.shape[0] // self.groups)
+            padding, shape = (padding[0], 0), list(dwconv.rows_shape(x))
+        elif algo == 'direct_fp32':
+            weight, bias = weight.float(), bias.float()
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(padding), [self.stride] * 2, [1, 1], self.groups, shape)
+        return _Plan(algo, packed, bias, padding)
+
+    def _onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor], plan: '_Plan') -> torch.Tensor:
+        geometry = (list(plan.padding), [self.stride] * 2, [1, 1], self.groups)
+        if residual is not None:
+            assert self.act == 'none', 'a fused residual add takes no activation'
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, plan.weight, plan.bias, *geometry, 'add', None, None, [], None)
+        post_op = (self.act, [], 'none' if self.act == 'gelu' else '')
+        if plan.algo == 'toeplitz':
+            out = torch.ops.mkldnn._convolution_pointwise(dwconv.to_rows(x), plan.weight, plan.bias, *geometry, *post_op)
+            return dwconv.from_rows(out, self.groups, dwconv.layout(x))
+        if plan.algo == 'direct_fp32':
+            return torch.ops.mkldnn._convolution_pointwise(x.float(), plan.weight, plan.bias, *geometry, *post_op).to(x.dtype)
+        return torch.ops.mkldnn._convolution_pointwise(x, plan.weight, plan.bias, *geometry, *post_op)
+
+
+class _Plan(NamedTuple):
+    """How a ``FusedConv`` runs one input geometry: the algorithm, its oneDNN-packed weight, bias and padding."""
+    algo: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    padding: Tuple[int, int]
 
 
 def act_name(act: nn.Module) -> str:
