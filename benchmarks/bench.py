@@ -31,36 +31,17 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from common import interleaved, machine_line, median_ms, table  # benchmarks/common.py, beside this file
+
 BASELINES = {'smpconv_t': 'convnext_tiny', 'smpconv_b': 'convnext_base'}
-
-
-def _sync(device: str) -> None:
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device: str, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 _OWN_STEM_LAYOUT = None
@@ -106,7 +87,7 @@ def eval_latency(name: str, form: str, batch: int, device: str, reps: int) -> fl
     model = build(name, form, device).eval()
     x = _input(batch, form, device)
     with torch.no_grad():
-        return _median_ms(lambda: model(x), device, warmup=2, reps=reps)
+        return median_ms(lambda: model(x), device, warmup=2, reps=reps)
 
 
 def train_step_worker(name: str, form: str, batch: int, device: str, reps: int) -> Dict[str, float]:
@@ -127,7 +108,7 @@ def train_step_worker(name: str, form: str, batch: int, device: str, reps: int) 
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
-    ms = _median_ms(step, device, warmup=1, reps=reps)
+    ms = median_ms(step, device, warmup=1, reps=reps)
     peak = torch.cuda.max_memory_allocated() if device == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {'ms': ms, 'peak_mb': (peak - before) / 2 ** 20}
 
@@ -149,17 +130,17 @@ def large_kernel_gflops(device: str, batch: int = 16) -> List[Dict[str, float]]:
     from smpconv_timm.kernels import dwconv
     configure('train form')
     a = torch.randn(2048, 2048, device=device)
-    matmul = 2 * 2048 ** 3 / _median_ms(lambda: a @ a, device, 2, 5) / 1e6
+    matmul = 2 * 2048 ** 3 / median_ms(lambda: a @ a, device, 2, 5) / 1e6
     rows = []
     for c, h, k in ((96, 56, 31), (192, 28, 29), (384, 14, 27), (768, 7, 13)):
         x = torch.randn(batch, c, h, h, device=device).contiguous(memory_format=torch.channels_last)
         w = torch.randn(c, 1, k, k, device=device)
         flops = 2 * batch * c * h * h * k * k
-        fwd = _median_ms(lambda: dwconv.depthwise_conv2d(x, w, None, 1, k // 2), device, 2, 5)
+        fwd = median_ms(lambda: dwconv.depthwise_conv2d(x, w, None, 1, k // 2), device, 2, 5)
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        both = _median_ms(lambda: torch.autograd.grad(
+        both = median_ms(lambda: torch.autograd.grad(
             dwconv.depthwise_conv2d(xg, wg, None, 1, k // 2).sum(), (xg, wg)), device, 2, 3)
-        torch_both = _median_ms(lambda: torch.autograd.grad(
+        torch_both = median_ms(lambda: torch.autograd.grad(
             F.conv2d(xg, wg, None, 1, k // 2, 1, c).sum(), (xg, wg)), device, 1, 1)
         rows.append(dict(shape=f'{c}x{h}x{h} k{k}', fwd_gflops=flops / fwd / 1e6,
                          train_gflops=3 * flops / both / 1e6, torch_train_gflops=3 * flops / torch_both / 1e6,
@@ -178,27 +159,11 @@ def linear_vs_conv1x1(device: str, reps: int = 20) -> List[Dict[str, float]]:
             w = torch.randn(cout, cin, 1, 1, device=device, dtype=dtype)
             rows_nhwc, w2 = x.permute(0, 2, 3, 1).reshape(-1, cin), w[:, :, 0, 0]
             with torch.no_grad():
-                lin = _median_ms(lambda: F.linear(rows_nhwc, w2), device, 3, reps)
-                conv = _median_ms(lambda: F.conv2d(x, w), device, 3, reps)
+                lin = median_ms(lambda: F.linear(rows_nhwc, w2), device, 3, reps)
+                conv = median_ms(lambda: F.conv2d(x, w), device, 3, reps)
             rows.append(dict(shape=f'196x{cin} @ {cin}x{cout}', dtype=str(dtype).replace('torch.', ''),
                              linear_ms=lin, conv1x1_ms=conv))
     return rows
-
-
-def _interleaved(fa, fb, device: str, reps: int):
-    """Per-round times of A and B run alternately (A, B, A, B, ...): medians and the spread of the ratios."""
-    for _ in range(2):
-        fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        for fn, times in ((fa, ta), (fb, tb)):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(1000 * (time.perf_counter() - start))
-    ratios = sorted(a / b for a, b in zip(ta, tb))
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> List[Dict]:
@@ -218,7 +183,7 @@ def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> L
     rows = []
 
     def add(row, batch, fa, fb, n=reps):
-        a, b, r, lo, hi = _interleaved(fa, fb, device, n)
+        a, b, r, lo, hi = interleaved(fa, fb, device, n)
         rows.append(dict(row=row, batch=batch, ms=a, baseline_ms=b, ratio=r, ratio_min=lo, ratio_max=hi))
         print(f'  {row}, bs {batch}: {r:.2f}x ({lo:.2f}-{hi:.2f})', file=sys.stderr, flush=True)
 
@@ -276,12 +241,6 @@ def mode_rows(name: str, device: str, reps: int, compile_eval: bool = True) -> L
     return rows
 
 
-def _table(rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
-    return '\n'.join([fmt(rows[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|'] + [fmt(r) for r in rows[1:]])
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['smpconv_t', 'smpconv_b'], choices=list(BASELINES))
@@ -298,8 +257,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda needs a GPU')
 
-    print(f'# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
-          f'device {args.device}, {time.strftime("%Y-%m-%d")}\n')
+    print(machine_line(args.device) + '\n')
     results = {'eval': [], 'train': [], 'large_kernel': [], 'linear_vs_conv1x1': []}
     if args.modes_only:
         args.eval_batches, args.train_batches = [], []
@@ -316,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 rows.append([name, form, str(bs), f'{ms:.1f}', f'{1000 * bs / ms:.1f}', f'{ms / base_ms:.2f}'])
                 results['eval'].append(dict(model=name, form=form, batch=bs, ms=ms, baseline_ms=base_ms))
     if len(rows) > 1:
-        print('## Eval (224x224)\n\n' + _table(rows) + '\n')
+        print('## Eval (224x224)\n\n' + table(rows) + '\n')
 
     rows = [['model', 'form', 'batch', 'ms / step', 'x baseline', 'step memory MB', 'x baseline']]
     for name in args.models:
@@ -331,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              f'{r["peak_mb"] / b["peak_mb"]:.2f}'])
                 results['train'].append(dict(model=name, form=form, batch=bs, **r, baseline=b))
     if len(rows) > 1:
-        print('## Train step (forward + backward + AdamW, 224x224)\n\n' + _table(rows) + '\n')
+        print('## Train step (forward + backward + AdamW, 224x224)\n\n' + table(rows) + '\n')
 
     rows = [['large kernel (bs 16)', 'forward GFLOP/s', 'fwd+bwd GFLOP/s', 'PyTorch fwd+bwd GFLOP/s', 'matmul GFLOP/s']]
     for r in ([] if args.modes_only else large_kernel_gflops(args.device)):
@@ -339,12 +297,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                      f'{r["matmul_gflops"]:.0f}'])
         results['large_kernel'].append(r)
     if len(rows) > 1:
-        print('## Large-kernel depthwise conv vs matmul\n\n' + _table(rows) + '\n')
+        print('## Large-kernel depthwise conv vs matmul\n\n' + table(rows) + '\n')
         rows = [['matmul (bs 1)', 'dtype', 'nn.Linear on NHWC ms (ConvNeXt)', '1x1 conv channels-last ms (ours)']]
         for r in linear_vs_conv1x1(args.device):
             rows.append([r['shape'], r['dtype'], f'{r["linear_ms"]:.3f}', f'{r["conv1x1_ms"]:.3f}'])
             results['linear_vs_conv1x1'].append(r)
-        print('## The same matmul as nn.Linear and as a 1x1 conv\n\n' + _table(rows) + '\n')
+        print('## The same matmul as nn.Linear and as a 1x1 conv\n\n' + table(rows) + '\n')
 
     if not args.skip_modes:
         results['modes'] = []
@@ -355,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              f'{r["ratio"]:.2f} ({r["ratio_min"]:.2f}-{r["ratio_max"]:.2f})'])
                 results['modes'].append(dict(model=name, **r))
         print('## Precisions and modes (interleaved with the baseline in one process, median ratio of rounds)\n\n'
-              + _table(rows))
+              + table(rows))
 
     if args.json:
         with open(args.json, 'w') as f:

@@ -15,15 +15,15 @@ Well under 5 minutes on an H100.
 import argparse
 import contextlib
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from common import interleaved, machine_line, table  # benchmarks/common.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = {'t': 'convnext_tiny', 'b': 'convnext_base'}
@@ -72,30 +72,9 @@ def check_correctness(variant: str, device: str) -> list:
     return rows
 
 
-def _ms(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return 1000 * (time.perf_counter() - start)
-
-
-def _interleaved(fa, fb, sync, reps: int):
-    """Median ms of A and B and the median of their per-round ratios, A and B alternating."""
-    for _ in range(3):
-        fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        ta.append(_ms(fa, sync))
-        tb.append(_ms(fb, sync))
-    ratios = [a / b for a, b in zip(ta, tb)]
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios), min(ratios), max(ratios)
-
-
 def check_speed(variant: str, device: str, reps: int) -> list:
     import timm
     from timm.utils import reparameterize_model
-    sync = torch.cuda.synchronize
     cl = torch.channels_last
     base = timm.create_model(BASELINES[variant]).to(device, memory_format=cl)
     ours = timm.create_model(f'smpconv_{variant}').to(device, memory_format=cl)
@@ -110,7 +89,7 @@ def check_speed(variant: str, device: str, reps: int) -> list:
                 def run(model):
                     with torch.no_grad(), amp():
                         model.eval()(x)
-                a, b, r, lo, hi = _interleaved(lambda: run(m), lambda: run(base), sync, reps)
+                a, b, r, lo, hi = interleaved(lambda: run(m), lambda: run(base), device, reps, warmup=3)
                 rows.append([f'eval {form}', prec, str(bs), f'{a:.1f}', f'{b:.1f}', f'{r:.2f} ({lo:.2f}-{hi:.2f})'])
         bs = 32
         x = torch.randn(bs, 3, 224, 224, device=device).contiguous(memory_format=cl)
@@ -129,15 +108,9 @@ def check_speed(variant: str, device: str, reps: int) -> list:
                 scaler.step(opt)
                 scaler.update()
             steps[name] = step
-        a, b, r, lo, hi = _interleaved(steps['ours'], steps['base'], sync, max(3, reps // 2))
+        a, b, r, lo, hi = interleaved(steps['ours'], steps['base'], device, max(3, reps // 2), warmup=3)
         rows.append(['train step', prec, str(bs), f'{a:.1f}', f'{b:.1f}', f'{r:.2f} ({lo:.2f}-{hi:.2f})'])
     return rows
-
-
-def _table(rows) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
-    return '\n'.join([fmt(rows[0]), '|' + '|'.join('-' * (w + 2) for w in widths) + '|'] + [fmt(r) for r in rows[1:]])
 
 
 def main(argv=None) -> int:
@@ -152,15 +125,14 @@ def main(argv=None) -> int:
     if args.device == 'cuda' and not torch.cuda.is_available():
         print('gpu_check: no CUDA device found (torch.cuda.is_available() is False); nothing to check.')
         return 0
-    name = torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu only'
-    print(f'# smpconv_{args.variant} on {name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}\n')
+    print(f'{machine_line(args.device)}\n\n# smpconv_{args.variant}\n')
     rows = [['check', 'max abs error / max abs ref', 'against']] + check_correctness(args.variant, args.device)
-    print('## Correctness (fp32, TF32 off)\n\n' + _table(rows) + '\n', flush=True)
+    print('## Correctness (fp32, TF32 off)\n\n' + table(rows) + '\n', flush=True)
     if not args.skip_speed and args.device == 'cuda':
         rows = [['row', 'precision', 'batch', 'ms ours', f'ms {BASELINES[args.variant]}', 'ratio (min-max)']]
         rows += check_speed(args.variant, args.device, args.reps)
         print(f'## Speed vs {BASELINES[args.variant]} (channels-last, interleaved, median of rounds)\n\n'
-              + _table(rows))
+              + table(rows))
     return 0
 
 

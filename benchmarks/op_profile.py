@@ -14,7 +14,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import BASELINES, _table, build  # benchmarks/bench.py, beside this file
+from bench import BASELINES, build  # benchmarks/bench.py, beside this file
+from common import machine_line, table
 
 _MATMULS = {'aten::addmm', 'aten::mm', 'aten::bmm', 'aten::linear', 'aten::matmul'}
 
@@ -58,8 +59,7 @@ def main() -> None:
     parser.add_argument('--reps', type=int, default=10)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f'# {torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, bs {args.batch}, '
-          f'{args.form}, {time.strftime("%Y-%m-%d")}\n')
+    print(f'{machine_line()}\n# {args.dtype}, bs {args.batch}, {args.form}\n')
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224).to(dtype).contiguous(memory_format=torch.channels_last)
     for name in args.models:
@@ -74,7 +74,7 @@ def main() -> None:
                 rows.append([group, f'{ga[group]:.2f}' if group in ga else '-', f'{gb[group]:.2f}' if group in gb else '-'])
         rows.append(['all ops (profiled)', f'{sum(ga.values()):.2f}', f'{sum(gb.values()):.2f}'])
         rows.append(['wall, unprofiled', f'{wall_a:.2f}', f'{wall_b:.2f}'])
-        print(_table(rows) + '\n')
+        print(table(rows) + '\n')
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from bench import _table  # benchmarks/bench.py, beside this file
+from common import table  # benchmarks/common.py, beside this file
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     for (model, row, batch), by_run in ratios.items():
         cells = [f'{by_run[p]:.2f}' if p in by_run else '-' for p in args.runs]
         rows.append([model, row, str(batch)] + cells + [f'{min(by_run.values()):.2f}-{max(by_run.values()):.2f}'])
-    print(_table(rows))
+    print(table(rows))
 
 
 if __name__ == '__main__':

@@ -17,10 +17,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Sequence
 
-from bench import BASELINES, _table  # benchmarks/bench.py, beside this file
+from bench import BASELINES  # benchmarks/bench.py, beside this file
+from common import machine_line, table
 
 SETTINGS = {
     'fp32 NCHW': [],
@@ -63,11 +63,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not os.path.isfile(args.benchmark_py):
         parser.error(f'--benchmark-py {args.benchmark_py}: no such file (it is in the timm repository, not the wheel)')
 
-    import torch
-    import timm
-    print(f'# timm {timm.__version__}, torch {torch.__version__}, device {args.device}, '
-          f'{torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d")}; benchmark.py --num-warm-iter {args.warm} '
-          f'--num-bench-iter {args.iters}, median of {args.rounds} rounds\n', flush=True)
+    print(f'{machine_line(args.device)}\n# benchmark.py --num-warm-iter {args.warm} --num-bench-iter {args.iters}, '
+          f'median of {args.rounds} rounds\n', flush=True)
 
     rows = [['model', 'bench', 'setting', 'batch', 'baseline ms/step', 'ours', 'ours --reparam']]
     results = []
@@ -91,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 results.append(dict(model=name, baseline=base, bench=bench, setting=setting, batch=batch, times=times,
                                     median_ms=ms))
                 print(' | '.join(rows[-1]), flush=True)
-    print('\n' + _table(rows))
+    print('\n' + table(rows))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)

@@ -17,6 +17,9 @@ training recomputation      ``SMPCONV_RECOMPUTE=0`` turns it off      on: the FF
 large depthwise conv        ``SMPCONV_DWCONV=forward=direct,...``     ``auto`` for each stage: the fastest
 algorithms                  (stages ``forward``, ``input_grad``,       candidate of ``kernels/dwconv.py`` per shape,
                             ``weight_grad``)                          measured on the running machine
+eval cache budget           ``SMPCONV_EVAL_CACHE_MB=<MB>``            256: the weights the fast path has prepacked
+                                                                      for input sizes other than the last one, in
+                                                                      all models of the process together
 Hub namespace of the        ``SMPCONV_HF_NAMESPACE=<namespace>``      ``smpconv-timm``; read at import only (the
 pretrained weights                                                    default cfgs are built then)
 =========================== ========================================= =========================================
@@ -29,7 +32,8 @@ from typing import Any, Dict
 
 __all__ = [
     'use_inference_fast_path', 'set_inference_fast_path', 'use_training_recompute', 'set_training_recompute',
-    'dwconv_algorithms', 'set_dwconv_algorithms', 'DWCONV_ALGORITHMS', 'HF_HUB_NAMESPACE',
+    'dwconv_algorithms', 'set_dwconv_algorithms', 'DWCONV_ALGORITHMS', 'eval_cache_mb', 'set_eval_cache_mb',
+    'HF_HUB_NAMESPACE',
 ]
 
 #: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``).
@@ -49,6 +53,21 @@ def _env_flag(name: str, default: bool) -> bool:
     if value in ('1', 'true', 'yes', 'on'):
         return True
     raise ValueError(f'{name}={value!r}: expected 0 or 1')
+
+
+def _env_megabytes(name: str, default: float) -> float:
+    value = os.environ.get(name, '').strip()
+    try:
+        return _check_megabytes(float(value)) if value else default
+    except ValueError:
+        raise ValueError(f'{name}={value!r}: expected a number of megabytes >= 0') from None
+
+
+def _check_megabytes(mb: float) -> float:
+    mb = float(mb)
+    if not mb >= 0:  # also NaN
+        raise ValueError(f'a cache budget must be >= 0 MB, got {mb}')
+    return mb
 
 
 def _check_dwconv(choice: Dict[str, str]) -> Dict[str, str]:
@@ -76,6 +95,7 @@ def _env_dwconv() -> Dict[str, str]:
 _INFERENCE_FAST_PATH = _env_flag('SMPCONV_FASTPATH', True)
 _TRAINING_RECOMPUTE = _env_flag('SMPCONV_RECOMPUTE', True)
 _DWCONV: Dict[str, str] = _env_dwconv()
+_EVAL_CACHE_MB = _env_megabytes('SMPCONV_EVAL_CACHE_MB', 256.)
 
 #: Hugging Face Hub namespace (user or organisation) that serves the pretrained weights, ``<namespace>/smpconv_t.in1k``.
 HF_HUB_NAMESPACE: str = os.environ.get('SMPCONV_HF_NAMESPACE', '').strip() or 'smpconv-timm'
@@ -135,3 +155,17 @@ class set_dwconv_algorithms(_Switch):
 
     def _convert(self, choice: Dict[str, str]) -> Dict[str, str]:
         return {**_DWCONV, **_check_dwconv(choice)}
+
+
+def eval_cache_mb() -> float:
+    """Budget (MB) of the inference fast path's prepacked weights kept for input geometries other than each
+    conv's most recent one, across all models in the process (least recently used dropped first)."""
+    return _EVAL_CACHE_MB
+
+
+class set_eval_cache_mb(_Switch):
+    """Set the eval cache budget in MB (0: keep only the most recent geometry of each conv)."""
+    _name = '_EVAL_CACHE_MB'
+
+    def _convert(self, mb: float) -> float:
+        return _check_megabytes(mb)

@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, fuse_bn, has_bn, low_precision, set_folded, to_eval
 from .kernels import FusedConv, TransientCaches, act_name, bn_gelu_conv, cached_plan, drop_plan, dwconv, \
-    inference_path, recompute_applies
+    inference_path, packs_built, recompute_applies, release_after_packing
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -520,6 +520,7 @@ class SMPConvNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
+        mark = packs_built()
         x = self.stem(_channels_last_on_cpu(x))
         if torch.jit.is_scripting() or not stop_early:
             stages = self.stages
@@ -529,6 +530,7 @@ class SMPConvNet(nn.Module):
             x = stage(x)
             if feat_idx in take_indices:
                 intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
+        release_after_packing(mark)
 
         if intermediates_only:
             return intermediates
@@ -555,8 +557,10 @@ class SMPConvNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
+        mark = packs_built()  # eval at a new input size packs weights: return what it freed meanwhile to the OS
         x = self.stem(_channels_last_on_cpu(x))
         x = self.stages(x)
+        release_after_packing(mark)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 from smpconv_timm import SMPConv2d
-from smpconv_timm.config import set_dwconv_algorithms, set_inference_fast_path, set_training_recompute
-from smpconv_timm.kernels import FusedConv, dwconv
+from smpconv_timm.config import set_dwconv_algorithms, set_eval_cache_mb, set_inference_fast_path, \
+    set_training_recompute
+from smpconv_timm.kernels import FusedConv, dwconv, fastpath
 
 from test_fastpath import randomise_bn  # non-trivial BatchNorm statistics, so that folding them is exercised
 
@@ -54,18 +55,35 @@ def test_input_sizes_in_any_order_equal_a_fresh_model(deploy):
             torch.testing.assert_close(out, fresh(x[s]), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_weights_are_kept_per_geometry_and_bounded():
+def older_plan_bytes(convs):
+    """Bytes of the packed plans that are not their conv's most recent geometry."""
+    return sum(p.nbytes() for f in convs for k, p in f._packed.items() if k != next(reversed(f._packed)))
+
+
+def test_packed_weights_are_kept_per_geometry_within_the_budget(monkeypatch):
     model = tiny().eval()
     sizes = (64, 96, 48, 128, 80, 64, 112, 40, 144, 96)
+    released = []
+    monkeypatch.setattr(fastpath, 'release_free_memory', lambda: released.append(1))
     with torch.no_grad():
-        for i, s in enumerate(sizes):
-            model(torch.randn(1 + i % 2, 3, s, s).contiguous(memory_format=torch.channels_last))
+        with set_eval_cache_mb(1e6):  # room for all: every geometry kept, keyed by the exact geometry packed for
+            for s in sizes:
+                model(torch.randn(1, 3, s, s).contiguous(memory_format=torch.channels_last))
             convs = list(fused_convs(model))
-            assert convs and all(len(f._packed) <= FusedConv.MAX_GEOMETRIES for f in convs)
-            assert max(len(f._packed) for f in convs) == min(i + 1, FusedConv.MAX_GEOMETRIES)
-        # the packed weights are keyed by the exact geometry they were packed for
-        keys = {k[0] for f in convs for k in f._packed}
-        assert all(len(k) == 4 for k in keys)
+            assert convs and max(len(f._packed) for f in convs) == len(set(sizes))  # (late stages: fewer map sizes)
+            assert all(len(k[0]) == 4 for f in convs for k in f._packed)
+        assert len(released) == len(set(sizes))  # freed memory returned after each forward that packed weights
+        model(torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+        assert len(released) == len(set(sizes))  # nothing packed: nothing to release
+        budget_mb = 0.02
+        with set_eval_cache_mb(budget_mb):
+            for s in sizes:
+                model(torch.randn(2, 3, s, s).contiguous(memory_format=torch.channels_last))
+                assert older_plan_bytes(convs) <= budget_mb * 2 ** 20
+                assert all(next(reversed(f._packed))[0][0] == 2 for f in convs)  # the most recent geometry is kept
+        with set_eval_cache_mb(0):
+            model(torch.randn(1, 3, 72, 72).contiguous(memory_format=torch.channels_last))
+            assert all(len(f._packed) == 1 for f in convs)
 
 
 # ---------------------------------------------------------------------------------------------------------

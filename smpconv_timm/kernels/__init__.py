@@ -9,6 +9,6 @@ Their switches are in ``smpconv_timm.config``.
 """
 from . import dwconv
 from .dwconv import ALGORITHMS, crop_kernel, crop_taps
-from .fastpath import FusedConv, act_name, cached_plan, drop_plan, inference_path
+from .fastpath import FusedConv, act_name, cached_plan, drop_plan, inference_path, packs_built, release_after_packing
 from .recompute import bn_gelu_conv, recompute_applies
-from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, is_fx_tracing, is_tracing
+from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, is_fx_tracing, is_tracing, release_free_memory

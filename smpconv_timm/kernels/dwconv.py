@@ -304,11 +304,17 @@ def depthwise_conv2d(
     """``F.conv2d(x, weight, bias, stride, padding, groups=C)`` with the fastest algorithms of this device.
 
     On maps smaller than the kernel, taps that only ever see zero padding are skipped (same result, less
-    work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, fx) see plain ``F.conv2d``,
-    valid at every input size.
+    work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, ONNX export) see plain
+    ``F.conv2d``, valid at every input size; with ``config.set_dwconv_algorithms(forward='toeplitz')`` they record
+    the matrix form instead, valid at the traced input width (torch.fx keeps this function as a leaf).
     """
-    if stride != 1 or is_tracing() or x.device.type == 'meta':
+    if stride != 1 or x.device.type == 'meta':
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+    if is_tracing():  # graphs record plain ops: F.conv2d, or the matrix form where it is forced (e.g. for ONNX)
+        if config.dwconv_algorithms()['forward'] != 'toeplitz':
+            return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+        out = _conv_toeplitz(x, weight, (padding, padding))
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # conv2d runs in the autocast dtype: cast once, as autocast would
         with torch.autocast(x.device.type, enabled=False):

@@ -6,6 +6,12 @@ add fused into the conv, and on CPU with weights prepacked once into oneDNN's bl
 plain layout is re-blocked on every call otherwise). Results equal the plain modules' up to float
 rounding; ``tests/test_fastpath.py`` holds them to it.
 
+Memory: prepacked weights are kept per input geometry (oneDNN's blocked layout can depend on it), each conv's
+most recent geometry always, older ones while they fit ``config.eval_cache_mb()`` (all models of the process
+together, least recently used dropped first). After a forward that packed weights, ``SMPConvNet`` returns the
+memory freed meanwhile to the operating system (``runtime.release_free_memory``), so that running many input sizes
+does not ratchet the process's resident memory up.
+
 Where oneDNN's fused ops are unavailable (other devices, dtypes or PyTorch builds) the same plan runs
 as plain ``conv2d`` + activation + add.
 
@@ -13,6 +19,7 @@ as plain ``conv2d`` + activation + add.
 modules, op for op what the authors' code runs. (The training recomputation has its own switch, in
 ``recompute.py``.)
 """
+import weakref
 from collections import OrderedDict
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -23,9 +30,9 @@ import torch.nn.functional as F
 from .. import config
 from . import dwconv
 from .dwconv import crop_kernel, depthwise_conv2d
-from .runtime import autocast_dtype, is_tracing
+from .runtime import autocast_dtype, is_tracing, release_free_memory
 
-__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan']
+__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'packs_built', 'release_after_packing']
 
 
 def _onednn_fusion_available() -> bool:
@@ -82,16 +89,62 @@ def drop_plan(module: nn.Module) -> None:
     module.__dict__.pop('_fast_plan', None)
 
 
+class _PackedCache:
+    """The prepacked plans of every ``FusedConv`` by recency. Each conv keeps its most recent geometry; the older
+    ones stay while their bytes fit ``config.eval_cache_mb()``, least recently used dropped first."""
+
+    def __init__(self):
+        self._lru: 'OrderedDict[Tuple[int, tuple], Tuple[weakref.ref, int]]' = OrderedDict()
+        self.packs_built = 0
+
+    def used(self, conv: 'FusedConv', key: tuple) -> None:
+        self._lru.move_to_end((id(conv), key))
+
+    def added(self, conv: 'FusedConv', key: tuple, nbytes: int) -> None:
+        self._lru[(id(conv), key)] = (weakref.ref(conv), nbytes)
+        self.packs_built += 1
+        older, total = [], 0
+        for entry, (ref, size) in list(self._lru.items()):
+            owner = ref()
+            if owner is None or entry[1] not in owner._packed:  # a conv collected, or its cache cleared
+                del self._lru[entry]
+            elif next(reversed(owner._packed)) != entry[1]:  # not its most recent geometry
+                older.append((entry, owner, size))
+                total += size
+        budget = config.eval_cache_mb() * 2 ** 20
+        for entry, owner, size in older:
+            if total <= budget:
+                break
+            del owner._packed[entry[1]], self._lru[entry]
+            total -= size
+
+    def nbytes(self) -> int:
+        return sum(size for ref, size in self._lru.values() if ref() is not None)
+
+
+_CACHE = _PackedCache()
+
+
+def packs_built() -> Optional[int]:
+    """How many plans the fast path has packed so far in this process; None while tracing (see ``SMPConvNet``)."""
+    return None if is_tracing() else _CACHE.packs_built
+
+
+def release_after_packing(mark: Optional[int]) -> None:
+    """Return freed memory to the OS if plans were packed since ``mark`` (a ``packs_built()`` value)."""
+    if mark is not None and mark != _CACHE.packs_built:
+        release_free_memory()
+
+
 class FusedConv:
     """``act(conv2d(x) + bias)`` or ``conv2d(x) + bias + residual`` for inference, from folded weights.
 
     Under autocast the conv runs in the autocast dtype (weights cast once and kept), as autocast runs
     ``conv2d``. On CPU the weights are prepacked into oneDNN's blocked layout per input geometry (shape, dtype),
-    the last ``MAX_GEOMETRIES`` of them. A large depthwise kernel (stride 1) also picks its algorithm per geometry
+    kept within the process's eval cache budget (``_PackedCache``). A large depthwise kernel (stride 1) also picks its algorithm per geometry
     among ``dwconv``'s forward candidates that fuse: ``direct``, ``toeplitz`` (its band matrices prepacked) and, for
     bf16 / fp16 inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training).
     """
-    MAX_GEOMETRIES = 4
     _FUSED_CANDIDATES = ('direct', 'toeplitz', 'direct_fp32')
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
@@ -142,6 +195,7 @@ class FusedConv:
         plan = self._packed.get(key)
         if plan is not None:
             self._packed.move_to_end(key)
+            _CACHE.used(self, key)
             return plan
         padding = (self.padding, self.padding)
         if self.depthwise and self.stride == 1:
@@ -162,8 +216,7 @@ class FusedConv:
         else:
             plan = self._pack('direct', x, weight, bias, padding)
         self._packed[key] = plan
-        while len(self._packed) > self.MAX_GEOMETRIES:
-            self._packed.popitem(last=False)
+        _CACHE.added(self, key, plan.nbytes())
         return plan
 
     def _pack(self, algo: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding) -> '_Plan':
@@ -199,6 +252,9 @@ class _Plan(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor
     padding: Tuple[int, int]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias))
 
 
 def act_name(act: nn.Module) -> str:

@@ -4,13 +4,16 @@ One predicate, ``is_tracing()``, decides where eager-only logic (kernel caches, 
 training recomputation, per-shape algorithm choices) steps aside so that a traced or compiled graph records the
 plain computation. ``TransientCaches`` keeps those caches out of copies, pickles and state dicts.
 """
-from typing import Any, Dict
+import ctypes
+import ctypes.util
+import functools
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from .._compat import is_fx_symbolic_tracing as _is_fx_tracing
 
-__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'TransientCaches', 'CACHE_ATTRS']
+__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'release_free_memory', 'TransientCaches', 'CACHE_ATTRS']
 
 
 def is_fx_tracing() -> bool:
@@ -30,6 +33,27 @@ def autocast_dtype(device_type: str):
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except RuntimeError:  # no autocast for this device type
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        return libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Large tensors freed by PyTorch stay in the process's heap, in holes between long-lived allocations such as
+    prepacked weights; after a new input geometry has packed weights, this keeps the resident memory to what is
+    in use.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 #: Instance attributes that hold eager inference caches (tensors derived from parameters, oneDNN-packed weights).
