@@ -50,7 +50,11 @@ def eval_rows(c: int, h: int, k: int, batch: int, dtype: torch.dtype, device: st
                 fused = FusedConv(w, b, padding=k // 2, groups=c, act='relu')
                 out = fused(x)
                 ms = median_ms(lambda: fused(x), device, 2, reps)
-            picked = next(iter(fused._packed.values())).algo if fused._packed else algo
+            if fused._packed:  # CPU: the plan FusedConv packed
+                picked = next(iter(fused._packed.values())).algo
+            else:  # elsewhere FusedConv runs depthwise_conv2d, which tuned its forward
+                key = ('forward', device, dtype, tuple(x.shape), dwconv.layout(x), tuple(w.shape), (k // 2, k // 2))
+                picked = dwconv._tuned.get(key, algo)
             name = f'FusedConv {algo}' + (f' ({picked})' if algo == 'auto' else '')
             rows.append(['', '', '', name, f'{ms:.3f}', f'{base / ms:.2f}', _check(out, exact)])
     return rows

@@ -6,11 +6,14 @@
 1. Correctness: the release checkpoint built from the golden generator (as ``tests/conftest.py`` does), its
    fp32 logits on CPU and CUDA (train form and deploy form) against the golden fp64 logits, and the gradients
    of one training forward / backward on CPU and CUDA against each other (TF32 off).
-2. Speed: eval latency (bs 1, 64) and one train step (forward + backward + AdamW, bs 32), fp32 and AMP fp16 /
+2. The large depthwise conv: every candidate of ``kernels/dwconv.py`` per stage of SMPConv-T (eval bs 1 / 64,
+   forward and both gradients at bs 32), fp32, bf16 and fp16, against cuDNN's depthwise conv
+   (``benchmarks/dwconv_bench.py``), each checked against float64 first.
+3. Speed: eval latency (bs 1, 64) and one train step (forward + backward + AdamW, bs 32), fp32 and AMP fp16 /
    bf16, channels-last, as a ratio to ConvNeXt of the same size timed in the same process, interleaved.
 
 Prints markdown tables headed by the GPU's name; exits with a message (status 0) where no CUDA device exists.
-Well under 5 minutes on an H100.
+Meant to finish well within 8 minutes on one data-centre GPU; ``--skip-dwconv`` / ``--skip-speed`` shorten it.
 """
 import argparse
 import contextlib
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument('--variant', default='t', choices=list(BASELINES))
     parser.add_argument('--reps', type=int, default=10, help='timed rounds per eval row (train: half)')
     parser.add_argument('--skip-speed', action='store_true')
+    parser.add_argument('--skip-dwconv', action='store_true', help='skip the per-stage large-kernel candidates')
     parser.add_argument('--device', default='cuda', help=argparse.SUPPRESS)  # 'cpu' runs the CPU-only parts
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -128,6 +132,12 @@ def main(argv=None) -> int:
     print(f'{machine_line(args.device)}\n\n# smpconv_{args.variant}\n')
     rows = [['check', 'max abs error / max abs ref', 'against']] + check_correctness(args.variant, args.device)
     print('## Correctness (fp32, TF32 off)\n\n' + table(rows) + '\n', flush=True)
+    if not args.skip_dwconv and args.device == 'cuda':
+        import dwconv_bench
+        tables = dwconv_bench.run(args.device, [torch.float32, torch.bfloat16, torch.float16], [0, 1, 2, 3], [1, 64],
+                                  32, args.reps)
+        for title, text in tables.items():
+            print(f'## Large depthwise conv candidates, {title} (speed-up over cuDNN)\n\n{text}\n', flush=True)
     if not args.skip_speed and args.device == 'cuda':
         rows = [['row', 'precision', 'batch', 'ms ours', f'ms {BASELINES[args.variant]}', 'ratio (min-max)']]
         rows += check_speed(args.variant, args.device, args.reps)
