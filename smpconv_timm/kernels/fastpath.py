@@ -1,10 +1,11 @@
 """Inference fast path: folded weights run as fused convolutions.
 
 In eval mode without autograd, each block of an SMPConv model runs its convolutions with every BatchNorm
-folded in (the deploy-form weights, in the train form too), the following ReLU / GELU or the residual
-add fused into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the
-plain layout is re-blocked on every call otherwise). Results equal the plain modules' up to float
-rounding; ``tests/test_fastpath.py`` holds them to it.
+folded in (the deploy-form weights, in the train form too), the following GELU or the residual add fused
+into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the plain layout is
+re-blocked on every call otherwise). ReLU runs in place after the conv: oneDNN's fused ReLU turns NaN into
+0, PyTorch's keeps it. Results equal the plain modules' up to float rounding, NaN and inf included;
+``tests/test_fastpath.py`` holds them to it.
 
 Where oneDNN's fused ops are unavailable (other devices, dtypes or PyTorch builds) the same plan runs
 as plain ``conv2d`` + activation + add.
@@ -153,6 +154,8 @@ class FusedConv:
         weight, padding = self._weight_for(x, weight)
         geometry = (list(padding), [self.stride] * 2, [1, 1], self.groups)
         if residual is None:
+            if self.act == 'relu':  # oneDNN's fused ReLU maps NaN to 0 where PyTorch's keeps it: ReLU after the conv
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, 'none', [], '').relu_()
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, *geometry, self.act, [], 'none' if self.act == 'gelu' else '')
         assert self.act == 'none', 'a fused residual add takes no activation'
