@@ -1,4 +1,4 @@
-"""Inputs at the edges behave as in PyTorch on every path: non-finite pixels."""
+"""Inputs at the edges behave as in PyTorch on every path: non-finite pixels, empty batches."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
-from smpconv_timm.config import set_inference_fast_path
+from smpconv_timm.config import set_inference_fast_path, set_training_recompute
 
 from test_fastpath import randomise_bn
 
@@ -54,3 +54,32 @@ def test_a_non_finite_pixel_reaches_only_its_own_image(eval_paths, value):
         else:  # every logit of that image says something is wrong, as the plain modules' logits do
             assert not out[1].isfinite().any(), path
         assert torch.equal(out[[0, 2]], clean[[0, 2]]), path  # and the other images' results are untouched
+
+
+@pytest.mark.parametrize('recompute', [True, False])
+def test_an_empty_batch_runs_forward_and_backward(recompute):
+    torch.manual_seed(0)
+    model = timm.create_model('smpconv_t', **TINY)
+    for mode in ('train', 'eval'):
+        getattr(model, mode)()
+        before = copy.deepcopy(model.state_dict())
+        x = torch.randn(0, 3, 32, 32, requires_grad=True)
+        with set_training_recompute(recompute):
+            out = model(x)
+        assert out.shape == (0, 1000)
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        # as nn.BatchNorm2d does with an empty batch: batches counted in training, statistics untouched
+        assert changed == ({k for k in before if k.endswith('num_batches_tracked')} if mode == 'train' else set())
+        model.zero_grad()
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 32, 32)).shape == (0, 1000)
+        with torch.autocast('cpu', torch.bfloat16):
+            assert model(torch.randn(0, 3, 32, 32)).shape == (0, 1000)
+        assert reparameterize_model(model)(torch.randn(0, 3, 32, 32)).shape == (0, 1000)
+        assert [f.shape[0] for f in model.forward_intermediates(torch.randn(0, 3, 32, 32))[1]] == [0] * 4
+    model.train()
+    with torch.autocast('cpu', torch.bfloat16):
+        model(torch.randn(0, 3, 32, 32)).float().sum().backward()

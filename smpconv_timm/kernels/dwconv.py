@@ -196,7 +196,7 @@ def depthwise_conv2d(
     work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, fx) see plain ``F.conv2d``,
     valid at every input size.
     """
-    if stride != 1 or is_tracing() or x.device.type == 'meta':
+    if stride != 1 or is_tracing() or x.device.type == 'meta' or x.numel() == 0:  # (FFTs refuse empty tensors)
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # conv2d runs in the autocast dtype: cast once, as autocast would
