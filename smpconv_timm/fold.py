@@ -12,15 +12,17 @@ import torch.nn as nn
 __all__ = ['bn_scale_shift', 'fuse_bn', 'fold_pre_bn', 'low_precision', 'conv_like', 'set_folded', 'has_bn', 'to_eval']
 
 
-def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm: bn(x) = scale * x + shift."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BatchNorm, bn(x) = scale * x + shift, in float32 at least (and in
+    ``dtype`` where that is wider): folds in bf16 / fp16 lose several bits."""
+    hi = torch.promote_types(torch.promote_types(dtype, bn.weight.dtype), torch.float32)
+    scale = bn.weight.to(hi) / torch.sqrt(bn.running_var.to(hi) + bn.eps)
+    return scale, bn.bias.to(hi) - bn.running_mean.to(hi) * scale
 
 
 def fuse_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of bn(conv(x)) as a single conv, computed in float32 at least."""
-    scale, shift = _scale_shift_hi(bn, weight.dtype)
+    scale, shift = bn_scale_shift(bn, weight.dtype)
     weight = weight.to(scale.dtype)
     bias = shift if bias is None else shift + bias.to(scale.dtype) * scale
     return weight * scale.reshape(-1, 1, 1, 1), bias
@@ -29,13 +31,6 @@ def fuse_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm
 def low_precision(dtype: torch.dtype) -> bool:
     """bf16 / fp16: folds are computed in float32 and rounded once to these."""
     return dtype in (torch.float16, torch.bfloat16)
-
-
-def _scale_shift_hi(bn: nn.BatchNorm2d, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``bn_scale_shift`` in float32 at least (folds in bf16 / fp16 lose several bits)."""
-    hi = torch.promote_types(torch.promote_types(dtype, bn.weight.dtype), torch.float32)
-    scale = bn.weight.to(hi) / torch.sqrt(bn.running_var.to(hi) + bn.eps)
-    return scale, bn.bias.to(hi) - bn.running_mean.to(hi) * scale
 
 
 def conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
@@ -52,7 +47,7 @@ def fold_pre_bn(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) ->
     """(weight, bias) of conv(bn(x)) for a 1x1 conv: exact, as a 1x1 conv has no padding for the shift to leak into."""
     if weight.shape[-2:] != (1, 1):
         raise ValueError('a BatchNorm before a conv folds exactly only into a 1x1 conv')
-    scale, shift = _scale_shift_hi(bn, weight.dtype)
+    scale, shift = bn_scale_shift(bn, weight.dtype)
     weight, bias = weight.to(scale.dtype), bias.to(scale.dtype)
     return weight * scale.reshape(1, -1, 1, 1), bias + (weight[:, :, 0, 0] * shift).sum(1)  # no autocast matmul
 

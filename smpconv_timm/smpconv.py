@@ -346,15 +346,17 @@ class SmpClassifierHead(ClassifierHead):
         if not isinstance(self.norm, nn.BatchNorm2d):
             return
         to_eval(self)
-        scale, shift = bn_scale_shift(self.norm)
+        dtype = self.norm.weight.dtype
+        scale, shift = bn_scale_shift(self.norm)  # float32 at least, rounded once by the copies below
         if isinstance(self.fc, nn.Linear) and self.global_pool.pool_type == 'avg':
             # a per-channel affine map commutes with average pooling: fc(s * x + t) = (W s) x + (W t + b)
-            self.fc.bias.add_(self.fc.weight @ shift)
-            self.fc.weight.mul_(scale)
+            weight = self.fc.weight.to(scale.dtype)
+            self.fc.bias.copy_(self.fc.bias.to(scale.dtype) + weight @ shift)
+            self.fc.weight.copy_(weight * scale)
             self.norm = nn.Identity()
         else:
             # nothing to fold into: keep the exact affine map as a 1x1 depthwise conv
-            conv = nn.Conv2d(len(scale), len(scale), 1, groups=len(scale), device=scale.device, dtype=scale.dtype)
+            conv = nn.Conv2d(len(scale), len(scale), 1, groups=len(scale), device=scale.device, dtype=dtype)
             conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
             conv.bias.copy_(shift)
             self.norm = conv

@@ -10,6 +10,9 @@ from timm.layers import SelectAdaptivePool2d
 from timm.utils import reparameterize_model
 
 from smpconv_timm import clamp_radii_
+from smpconv_timm.smpconv import SmpClassifierHead
+
+from test_fastpath import randomise_bn
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 DEPLOY_LEAVES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.GELU, nn.Identity, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout)
@@ -69,6 +72,17 @@ def test_exact_for_features_only(release_checkpoint):
         for a, b in zip(model(x), deploy(x)):
             err, bound = max_err(a, b)
             assert err < bound
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_head_fold_is_rounded_once(dtype):
+    torch.manual_seed(0)
+    head = randomise_bn(SmpClassifierHead(64, 10)).eval().to(dtype)
+    exact = copy.deepcopy(head).double()  # the same low-precision values, folded in float64
+    exact.reparameterize()
+    head.reparameterize()
+    assert torch.equal(head.fc.weight, exact.fc.weight.to(dtype))
+    assert torch.equal(head.fc.bias, exact.fc.bias.to(dtype))
 
 
 def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
