@@ -1,15 +1,22 @@
 """BatchNorm folding: the maths of structural reparameterization and of the inference fast path.
 
 Every fold is exact in real arithmetic; in float it is computed in float32 at least and rounded once to the
-parameters' dtype (folds computed in bf16 lose several bits).
+parameters' dtype (folds computed in bf16 lose several bits). ``folds`` makes the deploy form the same whatever
+context the caller folds in (autocast, inference mode, autograd on or off).
 """
+import functools
 import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['bn_scale_shift', 'fuse_bn', 'fold_pre_bn', 'low_precision', 'conv_like', 'set_folded', 'has_bn', 'to_eval']
+from .kernels import fold_mode
+
+__all__ = [
+    'bn_scale_shift', 'fuse_bn', 'fold_pre_bn', 'low_precision', 'conv_like', 'set_folded', 'has_bn', 'to_eval',
+    'folds',
+]
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -68,5 +75,28 @@ def to_eval(module: nn.Module) -> None:
     if module.training:
         warnings.warn(
             'reparameterizing a model in training mode: BatchNorm running statistics are folded and the '
-            'reparameterized modules are switched to eval mode', stacklevel=3)
+            'reparameterized modules are switched to eval mode', stacklevel=4)
         module.eval()
+
+
+def _drop_inference_tensors(module: nn.Module) -> None:
+    """Normal copies in place of the inference tensors among ``module``'s parameters and buffers (a ``deepcopy``
+    under ``torch.inference_mode``, as ``reparameterize_model`` makes, creates them); call in ``fold_mode``."""
+    for m in module.modules():
+        for tensors in (m._parameters, m._buffers):
+            for name, t in list(tensors.items()):
+                if t is not None and t.is_inference():
+                    copy = t.clone()
+                    tensors[name] = nn.Parameter(copy, t.requires_grad) if isinstance(t, nn.Parameter) else copy
+
+
+def folds(method):
+    """Decorator for the methods that fold a module into its deploy form (``reparameterize``, ``fuse``): they run in
+    ``fold_mode`` (no autocast, no autograd, no inference mode), and the deploy form holds no inference tensors, so
+    that it is the same model, runnable in every context, whatever context it was made in."""
+    @functools.wraps(method)
+    def wrapper(module: nn.Module, *args, **kwargs):
+        with fold_mode(module):
+            _drop_inference_tensors(module)
+            return method(module, *args, **kwargs)
+    return wrapper

@@ -145,6 +145,58 @@ def test_fused_ops_keep_nan_and_inf_as_pytorch_does(op, dtype):
         torch.testing.assert_close(out[finite].float(), ref[finite].float(), rtol=2e-2, atol=5e-2)
 
 
+CONTEXTS = {
+    'inference_mode': torch.inference_mode,
+    'no_grad': torch.no_grad,
+    'input_grad': torch.enable_grad,  # a frozen model, autograd on for the input (saliency, adversarial examples)
+    'autocast_bf16': lambda: torch.autocast('cpu', torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize('fast_path', [True, False])
+def test_caches_made_in_one_context_serve_every_other(fast_path):
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval().requires_grad_(False)
+    pristine = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(m, context):
+        xi = x.clone().requires_grad_(context == 'input_grad')
+        with set_inference_fast_path(fast_path), CONTEXTS[context]():
+            out = m(xi)
+        if context == 'input_grad':
+            out.logsumexp(1).sum().backward()
+            return out.detach(), xi.grad
+        return out, None
+
+    refs = {context: run(copy.deepcopy(pristine), context) for context in CONTEXTS}  # no cache from another context
+    others = [c for c in CONTEXTS if c != 'inference_mode']
+    for first, then in [('inference_mode', c) for c in others] + [(c, 'inference_mode') for c in others]:
+        model.train().eval()  # drops every cache
+        run(model, first)  # caches made in `first`, used in `then`
+        out, grad = run(model, then)
+        torch.testing.assert_close(out, refs[then][0], rtol=0, atol=0, msg=(first, then))
+        if grad is not None:
+            torch.testing.assert_close(grad, refs[then][1], rtol=0, atol=0, msg=(first, then))
+
+
+def test_a_model_made_under_inference_mode_runs_where_timm_models_do():
+    torch.manual_seed(0)
+    twin = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    with torch.inference_mode():  # every parameter an inference tensor: no version counter to key caches on
+        model = timm.create_model('smpconv_t', **TINY).eval()
+        model.load_state_dict(twin.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for context in (torch.inference_mode, torch.no_grad):
+        for fast_path in (True, False):
+            with set_inference_fast_path(fast_path), context():
+                torch.testing.assert_close(model(x), twin(x))
+                with torch.inference_mode():  # an in-place change there has no version either: never served stale
+                    model.stages[1].blocks[0].large_kernel.smp.conv.radius.mul_(0.9)
+                    twin.stages[1].blocks[0].large_kernel.smp.conv.radius.mul_(0.9)
+                torch.testing.assert_close(model(x), twin(x))
+
+
 def test_fused_activation_names():
     assert act_name(nn.ReLU()) == 'relu' and act_name(nn.GELU()) == 'gelu'
     with pytest.raises(ValueError, match='no fused form'):

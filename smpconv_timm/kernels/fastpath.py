@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import config
 from .dwconv import crop_kernel, depthwise_conv2d
-from .runtime import autocast_dtype, is_tracing
+from .runtime import autocast_dtype, fold_mode, is_tracing
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan']
 
@@ -49,30 +49,33 @@ def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
     return x.device.type != 'meta'  # no data to fold on the meta device
 
 
-def _version_key(module: nn.Module) -> tuple:
-    """Version, storage and dtype of every parameter and buffer of ``module`` and its children. Checked on
-    every eval call, so it walks ``_modules`` directly: ``named_modules`` costs 4x as much (0.6 ms per
-    smpconv_t forward)."""
+def _version_key(module: nn.Module) -> Optional[tuple]:
+    """Version, storage and dtype of every parameter and buffer of ``module`` and its children; None where one
+    is an inference tensor (made under ``torch.inference_mode``: no version counter). Checked on every eval call,
+    so it walks ``_modules`` directly: ``named_modules`` costs 4x as much (0.6 ms per smpconv_t forward)."""
     key, stack = [], [module]
-    while stack:
-        mod = stack.pop()
-        for tensors in (mod._parameters, mod._buffers):
-            for t in tensors.values():
-                if t is not None:
-                    key.append((t._version, t.data_ptr(), t.dtype))
-        for child in mod._modules.values():
-            if child is not None:
-                stack.append(child)
+    try:
+        while stack:
+            mod = stack.pop()
+            for tensors in (mod._parameters, mod._buffers):
+                for t in tensors.values():
+                    if t is not None:
+                        key.append((t._version, t.data_ptr(), t.dtype))
+            for child in mod._modules.values():
+                if child is not None:
+                    stack.append(child)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
     return tuple(key)
 
 
 def cached_plan(module: nn.Module, build):
-    """``build()`` once per parameter / buffer state of ``module``; dropped by ``module.train()``."""
+    """``build()`` once per parameter / buffer state of ``module`` (every call where that state has no version),
+    in ``fold_mode``; dropped by ``module.train()``."""
     key = _version_key(module)
     cache = module.__dict__.get('_fast_plan')
-    if cache is None or cache[0] != key:
-        device = next(module.parameters()).device.type
-        with torch.autocast(device, enabled=False):  # folds in the parameters' precision, also under autocast
+    if cache is None or key is None or cache[0] != key:
+        with fold_mode(module):
             cache = (key, build())
         module.__dict__['_fast_plan'] = cache
     return cache[1]
