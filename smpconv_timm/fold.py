@@ -70,13 +70,24 @@ def has_bn(module: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
+def _never_saw_data(bn: nn.BatchNorm2d) -> bool:
+    """Running statistics at their initial values (mean 0, variance 1): no batch and no checkpoint set them."""
+    mean, var = bn.running_mean, bn.running_var
+    return mean is not None and var is not None and not mean.any() and bool((var == 1).all())
+
+
 def to_eval(module: nn.Module) -> None:
-    """Folding uses running statistics: switch a module in training mode to eval, with a warning."""
-    if module.training:
+    """Folding uses running statistics: switch a module in training mode to eval. A trained model (timm's
+    validate.py reparameterizes before ``.eval()``) switches silently; a warning where a BatchNorm never saw data,
+    as its folded statistics are then the initial ones, not what the training-mode forward normalises with."""
+    if not module.training:
+        return
+    if any(_never_saw_data(m) for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
         warnings.warn(
-            'reparameterizing a model in training mode: BatchNorm running statistics are folded and the '
-            'reparameterized modules are switched to eval mode', stacklevel=4)
-        module.eval()
+            'reparameterizing a model in training mode whose BatchNorm layers never saw data: their initial running '
+            'statistics (mean 0, variance 1) are folded, not batch statistics, and the reparameterized modules are '
+            'switched to eval mode', stacklevel=4)
+    module.eval()
 
 
 def _drop_inference_tensors(module: nn.Module) -> None:

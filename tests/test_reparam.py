@@ -114,7 +114,7 @@ def deploy_forms(model, checkpoint):
     return {'reparameterize_model': reparameterize_model(model), '.reparameterize()': inplace, 'deploy=True': created}
 
 
-@pytest.mark.parametrize('made_in', list(CONTEXTS))
+@pytest.mark.parametrize('made_in', list(CONTEXTS) + ['train_mode'])
 def test_the_same_deploy_model_whatever_context_it_is_made_in(made_in, tmp_path):
     torch.manual_seed(0)
     model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
@@ -123,7 +123,10 @@ def test_the_same_deploy_model_whatever_context_it_is_made_in(made_in, tmp_path)
     with torch.no_grad():
         ref = model(x)  # the train form, float32
     expected = reparameterize_model(model)  # made outside any context
-    with CONTEXTS[made_in]():
+    if made_in == 'train_mode':  # as validate.py does it (trained BatchNorm statistics: no warning)
+        model.train()
+    with CONTEXTS.get(made_in, torch.enable_grad)(), warnings.catch_warnings():
+        warnings.simplefilter('error')
         forms = deploy_forms(model, tmp_path / 'train_form.pth')
     expected_state = expected.state_dict()
     for how, deploy in forms.items():
@@ -143,7 +146,7 @@ def test_the_same_deploy_model_whatever_context_it_is_made_in(made_in, tmp_path)
         assert all(p.grad is not None for p in deploy.parameters()), how
 
 
-def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
+def test_train_mode_warns_only_where_batchnorm_never_saw_data():
     torch.manual_seed(0)
     model = timm.create_model('smpconv_t', drop_path_rate=0.2, **TINY)  # train mode, as validate.py leaves it
     model.eval()
@@ -151,7 +154,7 @@ def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
     with torch.no_grad():
         ref = model(x)
     model.train()
-    with pytest.warns(UserWarning, match='training mode: BatchNorm running statistics are folded'):
+    with pytest.warns(UserWarning, match='training mode whose BatchNorm layers never saw data'):
         deploy = reparameterize_model(model)
     assert deploy.training  # timm's walker never sees the root; what depends on the mode is switched
     assert not any(m.training for m in deploy.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm2d)))
@@ -167,6 +170,10 @@ def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
     assert all(torch.equal(state[k], v) for k, v in deploy.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(deploy.eval()(x), ref, rtol=1e-5, atol=1e-5)
+    model(x)  # one training batch: every BatchNorm has seen data, the train-mode model folds silently
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        reparameterize_model(model)
 
 
 def test_deploy_form_refuses_training_only_operations():
