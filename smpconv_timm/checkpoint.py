@@ -7,7 +7,6 @@ and the checks ``checkpoint_filter_fn`` runs before anything is loaded (``check_
 ``check_fits``). Every problem is a ``CheckpointError`` (a ValueError) that names it.
 """
 import os
-import pickle
 import re
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -69,15 +68,28 @@ def load_checkpoint_file(path: Union[str, os.PathLike], use_ema: bool = True) ->
     try:
         # timm's loader: weights_only torch.load or safetensors, picks EMA / raw, strips `module.`
         state_dict = load_state_dict(path, use_ema=use_ema)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f'cannot read checkpoint {path}: {e}') from e
     except Exception as e:  # zip / pickle / safetensors readers raise many types for a damaged file
-        raise CheckpointError(
-            f'cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch / safetensors '
-            f'checkpoint ({type(e).__name__}: {e})') from e
+        raise _read_error(path, e) from e
     if not use_ema and any(k in state_dict for k in _EMA_KEYS):
         raise CheckpointError(f'checkpoint {path} holds only EMA weights, no raw ones (state_dict / model)')
     return state_dict
+
+
+def _read_error(path: str, error: Exception) -> CheckpointError:
+    """What went wrong reading ``path``: pickled objects refused by weights-only loading (torch's unpickler names
+    each GLOBAL it refuses), else a damaged or foreign file, with the reader's own error (timm and torch wrap it)."""
+    chain = [error]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    refused = list(dict.fromkeys(name for e in chain for name in re.findall(r'\bGLOBAL ([\w.]+)', str(e))))
+    if refused:
+        return CheckpointError(
+            f'cannot read checkpoint {path}: the file holds pickled objects that weights-only loading refuses (it may '
+            f'run code): {", ".join(refused)}. Nothing in it was run; load it with torch.load(weights_only=False) only '
+            f'if you trust its source')
+    return CheckpointError(
+        f'cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch / safetensors checkpoint '
+        f'({type(chain[-1]).__name__}: {chain[-1]})')
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from timm.layers import register_notrace_module, trunc_normal_
 
-from .kernels import TransientCaches, autocast_dtype, dwconv, is_fx_tracing, is_tracing
+from .kernels import TransientCaches, autocast_dtype, dwconv, fold_mode, is_fx_tracing, is_tracing
 
 __all__ = ['SMPConv2d', 'smp_kernel', 'RADIUS_MIN', 'RADIUS_MAX', 'RADIUS_LR_SCALE']
 
@@ -135,9 +135,13 @@ class SMPConv2d(TransientCaches, nn.Module):
         ):
             return self.make_kernel()
         # inference: reuse the kernel until a parameter changes (in-place update, load_state_dict, .to())
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, self.make_kernel())
+        try:
+            key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version to check
+            key = None
+        if self._kernel_cache is None or key is None or self._kernel_cache[0] != key:
+            with fold_mode(self):  # a normal tensor, also when built under inference_mode or autocast
+                self._kernel_cache = (key, self.make_kernel())
         return self._kernel_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

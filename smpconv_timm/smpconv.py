@@ -26,7 +26,7 @@ from ._compat import feature_take_indices
 from .checkpoint import CheckpointError, check_architecture, check_fits, check_grids, load_checkpoint_file, \
     to_timm_keys
 from .download import hub_errors
-from .fold import bn_scale_shift, conv_like, fold_pre_bn, fuse_bn, has_bn, low_precision, set_folded, to_eval
+from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
 from .kernels import FusedConv, TransientCaches, act_name, bn_gelu_conv, cached_plan, drop_plan, dwconv, \
     inference_path, packs_built, recompute_applies, release_after_packing
 from .layers import SMPConv2d, smp_kernel
@@ -85,7 +85,7 @@ class ConvNormAct(_PlanCache, nn.Module):
             weight, bias = fold_pre_bn(weight, bias, pre_norm)
         return weight.to(dtype), bias.to(dtype)
 
-    @torch.no_grad()
+    @folds
     def reparameterize(self, pre_norm: Optional[nn.Module] = None) -> None:
         if isinstance(self.bn, nn.BatchNorm2d) or isinstance(pre_norm, nn.BatchNorm2d):
             to_eval(self)
@@ -145,7 +145,7 @@ class SmpLargeKernel(nn.Module):
             bias = bias + b_small
         return weight.to(dtype), bias.to(dtype)
 
-    @torch.no_grad()
+    @folds
     def fuse(self, kernel_size: Optional[int] = None) -> 'DeployLargeKernelConv':
         """The deploy form: one ``DeployLargeKernelConv`` (timm's ``reparameterize_model`` calls this)."""
         to_eval(self)
@@ -219,7 +219,7 @@ class SmpBlock(_PlanCache, nn.Module):
         lk = FusedConv(wk, bk, padding=wk.shape[-1] // 2, groups=wk.shape[0], act='relu')
         return FusedConv(w1, b1, act='relu'), lk, FusedConv(w2, b2)
 
-    @torch.no_grad()
+    @folds
     def reparameterize(self, kernel_size: Optional[int] = None) -> None:
         """Deploy form in place: norm folded into pw1, the large kernel one dense conv, drop path removed."""
         if isinstance(self.large_kernel, SmpLargeKernel) or has_bn(self):
@@ -273,7 +273,7 @@ class ConvFfnBlock(_PlanCache, nn.Module):
         (w1, b1), (w2, b2) = self.folded_weights()
         return FusedConv(w1, b1, act='gelu'), FusedConv(w2, b2)
 
-    @torch.no_grad()
+    @folds
     def reparameterize(self) -> None:
         """Deploy form in place: norm folded into pw1, both BNs folded, drop path removed."""
         if has_bn(self):
@@ -341,20 +341,22 @@ class SmpClassifierHead(ClassifierHead):
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return super().forward(self.norm(x), pre_logits=pre_logits)
 
-    @torch.no_grad()
+    @folds
     def reparameterize(self) -> None:
         if not isinstance(self.norm, nn.BatchNorm2d):
             return
         to_eval(self)
-        scale, shift = bn_scale_shift(self.norm)
+        dtype = self.norm.weight.dtype
+        scale, shift = bn_scale_shift(self.norm)  # float32 at least, rounded once by the copies below
         if isinstance(self.fc, nn.Linear) and self.global_pool.pool_type == 'avg':
             # a per-channel affine map commutes with average pooling: fc(s * x + t) = (W s) x + (W t + b)
-            self.fc.bias.add_(self.fc.weight @ shift)
-            self.fc.weight.mul_(scale)
+            weight = self.fc.weight.to(scale.dtype)
+            self.fc.bias.copy_(self.fc.bias.to(scale.dtype) + weight @ shift)
+            self.fc.weight.copy_(weight * scale)
             self.norm = nn.Identity()
         else:
             # nothing to fold into: keep the exact affine map as a 1x1 depthwise conv
-            conv = nn.Conv2d(len(scale), len(scale), 1, groups=len(scale), device=scale.device, dtype=scale.dtype)
+            conv = nn.Conv2d(len(scale), len(scale), 1, groups=len(scale), device=scale.device, dtype=dtype)
             conv.weight.copy_(scale.reshape(-1, 1, 1, 1))
             conv.bias.copy_(shift)
             self.norm = conv
@@ -480,7 +482,7 @@ class SMPConvNet(nn.Module):
                 'points, radii and weights no longer exist; create the model again to train it')
         return [m for m in self.modules() if isinstance(m, SMPConv2d)]
 
-    @torch.no_grad()
+    @folds
     def reparameterize(self, kernel_sizes: Optional[Union[int, Sequence[int]]] = None) -> None:
         """Deploy form in place: one dense depthwise conv per large-kernel block, every BN folded.
 

@@ -5,11 +5,12 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 import smpconv_timm.smpconv as smpconv_module
 from smpconv_timm.config import set_inference_fast_path, set_training_recompute
-from smpconv_timm.kernels import act_name
+from smpconv_timm.kernels import FusedConv, act_name
 from smpconv_timm.smpconv import ConvFfnBlock, SmpBlock
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
@@ -105,6 +106,95 @@ def test_fast_path_only_where_it_applies():
     with torch.no_grad():
         model(x)
     assert '_fast_plan' in block.__dict__
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('op', ['relu', 'gelu', 'none', 'residual', 'depthwise_relu'])
+def test_fused_ops_keep_nan_and_inf_as_pytorch_does(op, dtype):
+    torch.manual_seed(0)
+    c, depthwise = 8, op == 'depthwise_relu'
+    k, groups = (7, c) if depthwise else (1, 1)
+    act = {'relu': 'relu', 'depthwise_relu': 'relu', 'gelu': 'gelu'}.get(op, 'none')
+    weight, bias = torch.randn(c, c // groups, k, k, dtype=dtype), torch.randn(c, dtype=dtype)
+    x = torch.randn(2, c, 12, 12, dtype=dtype)
+    x[0, :, 2, 3] = float('nan')
+    x[0, 1, 7, 7] = float('inf')  # one channel: +-inf conv outputs, as well as NaN (inf - inf) in depthwise sums
+    x[0, 5, 10, 2] = -float('inf')
+    x[1, 4, 9, 9] = 1e30
+    residual = None
+    if op == 'residual':
+        residual = torch.randn_like(x)
+        residual[1, :, 5, 5] = float('nan')
+        residual[1, 3, 0, 0], residual[1, 6, 11, 11] = float('inf'), -float('inf')
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = FusedConv(weight, bias, padding=k // 2, groups=groups, act=act)(x, residual)
+        ref = F.conv2d(x, weight, bias, 1, k // 2, 1, groups)
+        ref = {'relu': F.relu, 'gelu': F.gelu, 'none': lambda t: t}[act](ref)
+        ref = ref if residual is None else ref + residual
+    finite, nan = ref.isfinite(), ref.isnan()
+    assert nan.any() and not finite.all()
+    assert torch.equal(out.isfinite(), finite)
+    assert out[nan].isnan().all()
+    if act != 'gelu':  # PyTorch's own gelu(+-inf) is inf or NaN, depending on where the element falls (vector or tail)
+        assert torch.equal(out.isnan(), nan) and torch.equal(out[ref.isinf()], ref[ref.isinf()])
+    if dtype == torch.float32:
+        close(out[finite], ref[finite])
+    else:
+        torch.testing.assert_close(out[finite].float(), ref[finite].float(), rtol=2e-2, atol=5e-2)
+
+
+CONTEXTS = {
+    'inference_mode': torch.inference_mode,
+    'no_grad': torch.no_grad,
+    'input_grad': torch.enable_grad,  # a frozen model, autograd on for the input (saliency, adversarial examples)
+    'autocast_bf16': lambda: torch.autocast('cpu', torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize('fast_path', [True, False])
+def test_caches_made_in_one_context_serve_every_other(fast_path):
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval().requires_grad_(False)
+    pristine = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(m, context):
+        xi = x.clone().requires_grad_(context == 'input_grad')
+        with set_inference_fast_path(fast_path), CONTEXTS[context]():
+            out = m(xi)
+        if context == 'input_grad':
+            out.logsumexp(1).sum().backward()
+            return out.detach(), xi.grad
+        return out, None
+
+    refs = {context: run(copy.deepcopy(pristine), context) for context in CONTEXTS}  # no cache from another context
+    others = [c for c in CONTEXTS if c != 'inference_mode']
+    for first, then in [('inference_mode', c) for c in others] + [(c, 'inference_mode') for c in others]:
+        model.train().eval()  # drops every cache
+        run(model, first)  # caches made in `first`, used in `then`
+        out, grad = run(model, then)
+        torch.testing.assert_close(out, refs[then][0], rtol=0, atol=0, msg=(first, then))
+        if grad is not None:
+            torch.testing.assert_close(grad, refs[then][1], rtol=0, atol=0, msg=(first, then))
+
+
+def test_a_model_made_under_inference_mode_runs_where_timm_models_do():
+    torch.manual_seed(0)
+    twin = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    with torch.inference_mode():  # every parameter an inference tensor: no version counter to key caches on
+        model = timm.create_model('smpconv_t', **TINY).eval()
+        model.load_state_dict(twin.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for context in (torch.inference_mode, torch.no_grad):
+        for fast_path in (True, False):
+            with set_inference_fast_path(fast_path), context():
+                torch.testing.assert_close(model(x), twin(x))
+                with torch.inference_mode():  # an in-place change there has no version either: never served stale
+                    model.stages[1].blocks[0].large_kernel.smp.conv.radius.mul_(0.9)
+                    twin.stages[1].blocks[0].large_kernel.smp.conv.radius.mul_(0.9)
+                torch.testing.assert_close(model(x), twin(x))
 
 
 def test_fused_activation_names():

@@ -184,13 +184,18 @@ def test_truncated_and_missing_files(release_checkpoint, tmp_path):
         load_release(tmp_path / 'nope.pth', 't')
 
 
-def test_pickled_code_is_never_executed(tmp_path):
+def test_pickled_code_is_never_executed_and_named_as_such(tmp_path):
     class Evil:
         def __reduce__(self):
             return (exec, ("raise SystemExit('executed')",))
     path = tmp_path / 'evil.pth'
     torch.save({'model': Evil()}, path)
-    with pytest.raises(ValueError, match='evil.pth'):
+    with pytest.raises(ValueError, match=r'cannot read checkpoint .*evil\.pth: the file holds pickled objects that '
+                                         r'weights-only loading refuses \(it may run code\): exec\.') as info:
+        load_release(path, 't')
+    assert 'truncated' not in str(info.value)
+    path.write_bytes(bytes(range(256)) * 8)  # not a pickle at all: damaged, not refused
+    with pytest.raises(ValueError, match=r'evil\.pth: the file is truncated, corrupt or not a PyTorch'):
         load_release(path, 't')
 
 

@@ -1,5 +1,6 @@
-"""Deploy form: timm's reparameterize_model, exactness on the golden weights, checkpoints and export."""
+"""Deploy form: timm's reparameterize_model, exactness (golden weights, every context), checkpoints and export."""
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -10,9 +11,19 @@ from timm.layers import SelectAdaptivePool2d
 from timm.utils import reparameterize_model
 
 from smpconv_timm import clamp_radii_
+from smpconv_timm.smpconv import SmpClassifierHead
+
+from test_fastpath import randomise_bn
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 DEPLOY_LEAVES = (nn.Conv2d, nn.Linear, nn.ReLU, nn.GELU, nn.Identity, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout)
+CONTEXTS = {
+    'no_grad': torch.no_grad,
+    'grad': torch.enable_grad,
+    'inference_mode': torch.inference_mode,
+    'autocast_bf16': lambda: torch.autocast('cpu', torch.bfloat16),
+    'autocast_fp16': lambda: torch.autocast('cpu', torch.float16),
+}
 
 
 def golden_model(release_checkpoint, variant, **kwargs):
@@ -71,7 +82,71 @@ def test_exact_for_features_only(release_checkpoint):
             assert err < bound
 
 
-def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
+@pytest.mark.slow  # the tiny-model test below checks every context in the default run
+def test_golden_deploy_folded_under_autocast_is_exact_in_float32(release_checkpoint):
+    model = golden_model(release_checkpoint, 't')
+    with torch.autocast('cpu', torch.bfloat16):
+        deploy = reparameterize_model(model)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        err, bound = max_err(model(x), deploy(x))
+    assert err < bound
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_head_fold_is_rounded_once(dtype):
+    torch.manual_seed(0)
+    head = randomise_bn(SmpClassifierHead(64, 10)).eval().to(dtype)
+    exact = copy.deepcopy(head).double()  # the same low-precision values, folded in float64
+    exact.reparameterize()
+    head.reparameterize()
+    assert torch.equal(head.fc.weight, exact.fc.weight.to(dtype))
+    assert torch.equal(head.fc.bias, exact.fc.bias.to(dtype))
+
+
+def deploy_forms(model, checkpoint):
+    """The deploy model made each way a user makes it: timm's reparameterize_model, .reparameterize(), deploy=True
+    (a train-form checkpoint folded on load)."""
+    inplace = copy.deepcopy(model)
+    inplace.reparameterize()
+    created = timm.create_model('smpconv_t', deploy=True, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(checkpoint)), **TINY)
+    return {'reparameterize_model': reparameterize_model(model), '.reparameterize()': inplace, 'deploy=True': created}
+
+
+@pytest.mark.parametrize('made_in', list(CONTEXTS) + ['train_mode'])
+def test_the_same_deploy_model_whatever_context_it_is_made_in(made_in, tmp_path):
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    torch.save(model.state_dict(), tmp_path / 'train_form.pth')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)  # the train form, float32
+    expected = reparameterize_model(model)  # made outside any context
+    if made_in == 'train_mode':  # as validate.py does it (trained BatchNorm statistics: no warning)
+        model.train()
+    with CONTEXTS.get(made_in, torch.enable_grad)(), warnings.catch_warnings():
+        warnings.simplefilter('error')
+        forms = deploy_forms(model, tmp_path / 'train_form.pth')
+    expected_state = expected.state_dict()
+    for how, deploy in forms.items():
+        tensors = dict(itertools.chain(deploy.named_parameters(), deploy.named_buffers()))
+        assert not [n for n, t in tensors.items() if t.is_inference()], how
+        assert all(torch.equal(v, expected_state[k]) for k, v in deploy.state_dict().items()), how
+        for run_in, context in CONTEXTS.items():  # and it runs in every context
+            with context():
+                out = deploy(x)
+            if out.dtype == torch.float32:
+                err, bound = max_err(out, ref)
+                assert err < bound, (how, run_in)
+            else:
+                with context():
+                    torch.testing.assert_close(out, expected(x), rtol=0, atol=0, msg=(how, run_in))
+        deploy(x).sum().backward()  # autograd through the deploy weights (fine-tuning a deploy model)
+        assert all(p.grad is not None for p in deploy.parameters()), how
+
+
+def test_train_mode_warns_only_where_batchnorm_never_saw_data():
     torch.manual_seed(0)
     model = timm.create_model('smpconv_t', drop_path_rate=0.2, **TINY)  # train mode, as validate.py leaves it
     model.eval()
@@ -79,7 +154,7 @@ def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
     with torch.no_grad():
         ref = model(x)
     model.train()
-    with pytest.warns(UserWarning, match='training mode: BatchNorm running statistics are folded'):
+    with pytest.warns(UserWarning, match='training mode whose BatchNorm layers never saw data'):
         deploy = reparameterize_model(model)
     assert deploy.training  # timm's walker never sees the root; what depends on the mode is switched
     assert not any(m.training for m in deploy.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm2d)))
@@ -95,6 +170,10 @@ def test_train_mode_warns_switches_to_eval_and_twice_is_harmless():
     assert all(torch.equal(state[k], v) for k, v in deploy.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(deploy.eval()(x), ref, rtol=1e-5, atol=1e-5)
+    model(x)  # one training batch: every BatchNorm has seen data, the train-mode model folds silently
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        reparameterize_model(model)
 
 
 def test_deploy_form_refuses_training_only_operations():

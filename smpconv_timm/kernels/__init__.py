@@ -3,7 +3,8 @@
 - ``dwconv``: the large depthwise conv, forward and a custom backward, the fastest algorithm per shape.
 - ``fastpath``: eval with every BatchNorm folded and activations / residual adds fused into oneDNN convs.
 - ``recompute``: training that recomputes the FFN's 4x-wide BN / GELU outputs in backward instead of storing them.
-- ``runtime``: the one tracing predicate, autocast queries, and caches kept out of copies and pickles.
+- ``runtime``: the one tracing predicate, autocast queries, the context folds run in, and caches kept out of copies
+  and pickles.
 
 Their switches are in ``smpconv_timm.config``.
 """
@@ -11,4 +12,5 @@ from . import dwconv
 from .dwconv import ALGORITHMS, crop_kernel, crop_taps
 from .fastpath import FusedConv, act_name, cached_plan, drop_plan, inference_path, packs_built, release_after_packing
 from .recompute import bn_gelu_conv, recompute_applies
-from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, is_fx_tracing, is_tracing, release_free_memory
+from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, fold_mode, is_fx_tracing, is_tracing, \
+    release_free_memory

@@ -315,6 +315,8 @@ def depthwise_conv2d(
             return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
         out = _conv_toeplitz(x, weight, (padding, padding))
         return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+    if x.numel() == 0:  # an empty batch: nothing to tune on (FFTs refuse empty tensors)
+        return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
     dtype = autocast_dtype(x.device.type)
     if dtype is not None:  # conv2d runs in the autocast dtype: cast once, as autocast would
         with torch.autocast(x.device.type, enabled=False):

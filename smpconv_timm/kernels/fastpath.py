@@ -1,10 +1,11 @@
 """Inference fast path: folded weights run as fused convolutions.
 
 In eval mode without autograd, each block of an SMPConv model runs its convolutions with every BatchNorm
-folded in (the deploy-form weights, in the train form too), the following ReLU / GELU or the residual
-add fused into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the
-plain layout is re-blocked on every call otherwise). Results equal the plain modules' up to float
-rounding; ``tests/test_fastpath.py`` holds them to it.
+folded in (the deploy-form weights, in the train form too), the following GELU or the residual add fused
+into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the plain layout is
+re-blocked on every call otherwise). ReLU runs in place after the conv: oneDNN's fused ReLU turns NaN into
+0, PyTorch's keeps it. Results equal the plain modules' up to float rounding, NaN and inf included;
+``tests/test_fastpath.py`` holds them to it.
 
 Memory: prepacked weights are kept per input geometry (oneDNN's blocked layout can depend on it), each conv's
 most recent geometry always, older ones while they fit ``config.eval_cache_mb()`` (all models of the process
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from .. import config
 from . import dwconv
 from .dwconv import crop_kernel, depthwise_conv2d
-from .runtime import autocast_dtype, is_tracing, release_free_memory
+from .runtime import autocast_dtype, fold_mode, is_tracing, release_free_memory
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'packs_built', 'release_after_packing']
 
@@ -56,30 +57,33 @@ def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
     return x.device.type != 'meta'  # no data to fold on the meta device
 
 
-def _version_key(module: nn.Module) -> tuple:
-    """Version, storage and dtype of every parameter and buffer of ``module`` and its children. Checked on
-    every eval call, so it walks ``_modules`` directly: ``named_modules`` costs 4x as much (0.6 ms per
-    smpconv_t forward)."""
+def _version_key(module: nn.Module) -> Optional[tuple]:
+    """Version, storage and dtype of every parameter and buffer of ``module`` and its children; None where one
+    is an inference tensor (made under ``torch.inference_mode``: no version counter). Checked on every eval call,
+    so it walks ``_modules`` directly: ``named_modules`` costs 4x as much (0.6 ms per smpconv_t forward)."""
     key, stack = [], [module]
-    while stack:
-        mod = stack.pop()
-        for tensors in (mod._parameters, mod._buffers):
-            for t in tensors.values():
-                if t is not None:
-                    key.append((t._version, t.data_ptr(), t.dtype))
-        for child in mod._modules.values():
-            if child is not None:
-                stack.append(child)
+    try:
+        while stack:
+            mod = stack.pop()
+            for tensors in (mod._parameters, mod._buffers):
+                for t in tensors.values():
+                    if t is not None:
+                        key.append((t._version, t.data_ptr(), t.dtype))
+            for child in mod._modules.values():
+                if child is not None:
+                    stack.append(child)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
     return tuple(key)
 
 
 def cached_plan(module: nn.Module, build):
-    """``build()`` once per parameter / buffer state of ``module``; dropped by ``module.train()``."""
+    """``build()`` once per parameter / buffer state of ``module`` (every call where that state has no version),
+    in ``fold_mode``; dropped by ``module.train()``."""
     key = _version_key(module)
     cache = module.__dict__.get('_fast_plan')
-    if cache is None or cache[0] != key:
-        device = next(module.parameters()).device.type
-        with torch.autocast(device, enabled=False):  # folds in the parameters' precision, also under autocast
+    if cache is None or key is None or cache[0] != key:
+        with fold_mode(module):
             cache = (key, build())
         module.__dict__['_fast_plan'] = cache
     return cache[1]
@@ -237,13 +241,17 @@ class FusedConv:
             assert self.act == 'none', 'a fused residual add takes no activation'
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, residual, plan.weight, plan.bias, *geometry, 'add', None, None, [], None)
-        post_op = (self.act, [], 'none' if self.act == 'gelu' else '')
+        act = 'none' if self.act == 'relu' else self.act  # oneDNN's fused ReLU maps NaN to 0: ReLU after the conv
+        post_op = (act, [], 'none' if act == 'gelu' else '')
         if plan.algo == 'toeplitz':
             out = torch.ops.mkldnn._convolution_pointwise(dwconv.to_rows(x), plan.weight, plan.bias, *geometry, *post_op)
-            return dwconv.from_rows(out, self.groups, dwconv.layout(x))
-        if plan.algo == 'direct_fp32':
-            return torch.ops.mkldnn._convolution_pointwise(x.float(), plan.weight, plan.bias, *geometry, *post_op).to(x.dtype)
-        return torch.ops.mkldnn._convolution_pointwise(x, plan.weight, plan.bias, *geometry, *post_op)
+            out = dwconv.from_rows(out, self.groups, dwconv.layout(x))
+        elif plan.algo == 'direct_fp32':
+            out = torch.ops.mkldnn._convolution_pointwise(x.float(), plan.weight, plan.bias, *geometry, *post_op)
+            out = out.to(x.dtype)
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise(x, plan.weight, plan.bias, *geometry, *post_op)
+        return out.relu_() if self.act == 'relu' else out
 
 
 class _Plan(NamedTuple):

@@ -19,13 +19,13 @@ __all__ = ['bn_gelu_conv', 'recompute_applies']
 
 
 def recompute_applies(bn: nn.Module, x: torch.Tensor) -> bool:
-    """Plain ``nn.BatchNorm2d`` in training with autograd on, eager, no autocast (SyncBatchNorm and
-    AMP take the plain modules)."""
+    """Plain ``nn.BatchNorm2d`` in training with autograd on, eager, no autocast, a non-empty batch (SyncBatchNorm,
+    AMP and empty batches take the plain modules)."""
     if is_tracing():  # traced graphs record the plain modules (x may be an fx Proxy here)
         return False
     return (
         config.use_training_recompute() and type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
-        and torch.is_grad_enabled() and autocast_dtype(x.device.type) is None
+        and torch.is_grad_enabled() and autocast_dtype(x.device.type) is None and x.numel() > 0
     )
 
 

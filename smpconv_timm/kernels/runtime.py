@@ -2,18 +2,23 @@
 
 One predicate, ``is_tracing()``, decides where eager-only logic (kernel caches, fused inference calls, the
 training recomputation, per-shape algorithm choices) steps aside so that a traced or compiled graph records the
-plain computation. ``TransientCaches`` keeps those caches out of copies, pickles and state dicts.
+plain computation. ``fold_mode`` is where folds and cached tensors are computed, the same in every caller's
+context. ``TransientCaches`` keeps those caches out of copies, pickles and state dicts.
 """
+import contextlib
 import ctypes
 import ctypes.util
 import functools
-from typing import Any, Callable, Dict, Optional
+import itertools
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
+import torch.nn as nn
 
 from .._compat import is_fx_symbolic_tracing as _is_fx_tracing
 
-__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'release_free_memory', 'TransientCaches', 'CACHE_ATTRS']
+__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'fold_mode', 'release_free_memory', 'TransientCaches',
+           'CACHE_ATTRS']
 
 
 def is_fx_tracing() -> bool:
@@ -33,6 +38,18 @@ def autocast_dtype(device_type: str):
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except RuntimeError:  # no autocast for this device type
         return None
+
+
+@contextlib.contextmanager
+def fold_mode(module: nn.Module) -> Iterator[None]:
+    """Folds, deploy weights and inference caches of ``module`` are computed here, whatever the caller runs under:
+    no autograd, no autocast (folds in the parameters' precision) and no inference mode (its tensors can neither be
+    saved for backward nor versioned, so a result kept from there breaks later calls outside it)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    device = 'cpu' if tensor is None else tensor.device.type
+    autocast_off = torch.autocast(device, enabled=False) if autocast_dtype(device) else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.no_grad(), autocast_off:  # inference_mode(False) turns autograd on
+        yield
 
 
 @functools.lru_cache(maxsize=None)
