@@ -8,10 +8,16 @@ import os
 import platform
 import re
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: CPU flags (as /proc/cpuinfo names them) that decide where bf16 / int8 matrix work can run
 MATRIX_FLAGS = ('amx_bf16', 'amx_fp16', 'amx_int8', 'avx512_bf16', 'avx512_fp16', 'avx512_vnni', 'avx512f', 'avx2')
@@ -62,6 +68,25 @@ def machine_line(device: str = 'cpu') -> str:
     return '# ' + ', '.join(parts)
 
 
+def golden_model(variant: str) -> Tuple[torch.nn.Module, torch.Tensor, np.ndarray]:
+    """SMPConv-T / -B (``variant`` 't' / 'b') with the golden weights, loaded from a release-format checkpoint the way a
+    user loads the authors' file, in eval mode; with the golden input (2 images) and the authors' fp64 logits."""
+    import timm
+    import smpconv_timm  # noqa: F401  (registers the models)
+    sys.path.insert(0, str(ROOT / 'tests'))
+    import golden_weights  # the tests' generator of the golden weights and input
+    golden_dir = ROOT / 'tests' / 'data' / 'golden'
+    manifest = str(golden_dir / f'reference_smpconv_{variant}_manifest.json')
+    state = lambda salt: {k: torch.from_numpy(v) for k, v in golden_weights.make_state_dict(manifest, salt).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f'smpconv_{variant}_release.pth'
+        torch.save({'model': state('model'), 'model_ema': state(''), 'epoch': 299}, path)
+        model = timm.create_model(f'smpconv_{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with np.load(golden_dir / 'reference_outputs.npz') as f:
+        ref = f[f'smpconv_{variant}_ema_logits_fp64']
+    return model.eval(), torch.from_numpy(golden_weights.make_input(2, 224)), ref
+
+
 def sync(device: str) -> None:
     if device == 'cuda':
         torch.cuda.synchronize()
@@ -109,5 +134,5 @@ def ratio_cell(ratio: float, lo: float, hi: float) -> str:
     return f'{ratio:.2f} ({lo:.2f}-{hi:.2f})'
 
 
-__all__: List[str] = ['MATRIX_FLAGS', 'cpu_info', 'cpu_family', 'torch_build', 'machine_line', 'sync', 'median_ms',
+__all__: List[str] = ['MATRIX_FLAGS', 'cpu_info', 'cpu_family', 'torch_build', 'machine_line', 'golden_model', 'sync', 'median_ms',
                       'interleaved', 'table', 'ratio_cell']

@@ -19,33 +19,16 @@ import argparse
 import contextlib
 import copy
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import interleaved, machine_line, table  # benchmarks/common.py, beside this file
+from common import golden_model, interleaved, machine_line, table  # benchmarks/common.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = {'t': 'convnext_tiny', 'b': 'convnext_base'}
-
-
-def golden_model(variant: str, tmp: Path):
-    """The golden release checkpoint, loaded the way a user loads the authors' file; (model, input, fp64 logits)."""
-    import timm
-    sys.path.insert(0, str(ROOT / 'tests'))
-    import golden_weights  # noqa: E402  (the tests' generator of the golden weights and input)
-    golden_dir = ROOT / 'tests' / 'data' / 'golden'
-    manifest = str(golden_dir / f'reference_smpconv_{variant}_manifest.json')
-    sd = lambda salt: {k: torch.from_numpy(v) for k, v in golden_weights.make_state_dict(manifest, salt).items()}
-    path = tmp / f'smpconv_{variant}_release.pth'
-    torch.save({'model': sd('model'), 'model_ema': sd(''), 'epoch': 299}, path)
-    model = timm.create_model(f'smpconv_{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    with np.load(golden_dir / 'reference_outputs.npz') as f:
-        ref = f[f'smpconv_{variant}_ema_logits_fp64']
-    return model.eval(), torch.from_numpy(golden_weights.make_input(2, 224)), ref
 
 
 def check_correctness(variant: str, device: str) -> list:
@@ -53,8 +36,7 @@ def check_correctness(variant: str, device: str) -> list:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model, x, ref = golden_model(variant, Path(tmp))
+    model, x, ref = golden_model(variant)
     scale = float(np.abs(ref).max())
     forms = {'train form': model, 'deploy': reparameterize_model(model)}
     for form, m in forms.items():
