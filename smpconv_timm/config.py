@@ -16,7 +16,8 @@ training recomputation      ``SMPCONV_RECOMPUTE=0`` turns it off      on: the FF
                                                                       recomputed in backward (``kernels/recompute.py``)
 large depthwise conv        ``SMPCONV_DWCONV=forward=direct,...``     ``auto`` for each stage: the fastest
 algorithms                  (stages ``forward``, ``input_grad``,       candidate of ``kernels/dwconv.py`` per shape,
-                            ``weight_grad``)                          measured on the running machine
+                            ``weight_grad``; ``toeplitz:<tile>``      measured on the running machine
+                            fixes a tile too)
 eval cache budget           ``SMPCONV_EVAL_CACHE_MB=<MB>``            256: the weights the fast path has prepacked
                                                                       for input sizes other than the last one, in
                                                                       all models of the process together
@@ -74,9 +75,13 @@ def _check_dwconv(choice: Dict[str, str]) -> Dict[str, str]:
     for stage, algo in choice.items():
         if stage not in DWCONV_ALGORITHMS:
             raise ValueError(f'unknown stage {stage!r}; stages: {", ".join(DWCONV_ALGORITHMS)}')
-        if algo != 'auto' and algo not in DWCONV_ALGORITHMS[stage]:
+        name, _, tile = str(algo).partition(':')
+        known = algo == 'auto' or (algo in DWCONV_ALGORITHMS[stage] if not tile else
+                                   name == 'toeplitz' and name in DWCONV_ALGORITHMS[stage] and tile.isdigit())
+        if not known:
             raise ValueError(
-                f'unknown {stage} algorithm {algo!r}; choose auto, {", ".join(DWCONV_ALGORITHMS[stage])}')
+                f'unknown {stage} algorithm {algo!r}; choose auto, {", ".join(DWCONV_ALGORITHMS[stage])} '
+                f'(toeplitz:<tile> fixes its tile too)')
     return choice
 
 

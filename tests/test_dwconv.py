@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from smpconv_timm import config
-from smpconv_timm.kernels import dwconv
+from smpconv_timm.kernels import dwconv, toeplitz
 
 SHAPES = [  # N, C, H, W, k, padding
     (2, 3, 11, 9, 5, 2),
@@ -16,8 +16,8 @@ SHAPES = [  # N, C, H, W, k, padding
     (2, 5, 20, 16, 31, 15),
 ]
 
-#: every (stage, candidate) pair; the other two stages stay at PyTorch's own algorithms
-STAGE_CANDIDATES = [(stage, algo) for stage, algos in dwconv.ALGORITHMS.items() for algo in algos]
+#: every (stage, candidate) pair, each tile of toeplitz apart; the other two stages stay at PyTorch's own algorithms
+STAGE_CANDIDATES = [(stage, v) for stage, algos in dwconv.ALGORITHMS.items() for a in algos for v in dwconv.variants(a)]
 PLAIN = dict(forward='direct', input_grad='native', weight_grad='native')
 
 
@@ -85,17 +85,22 @@ def test_gradcheck_float64(stage, algo):
     assert torch.autograd.gradcheck(lambda *a: dwconv.depthwise_conv2d(*a, 1, 2), (x, weight, bias))
 
 
-def test_band_weight_is_the_kernel_as_banded_matrices():
-    """Row a of the band of channel c maps an image row to the row convolved with kernel row a (padding folded in)."""
+@pytest.mark.parametrize('tile', [0, 2, 3])
+def test_band_weight_is_the_kernel_as_banded_matrices(tile):
+    """Row a of the band of channel c maps the input columns of one tile (or a whole row) to the row convolved with
+    kernel row a."""
     torch.manual_seed(0)
     c, k, width, pad = 3, 5, 9, 2
     weight = torch.randn(c, 1, k, k, dtype=torch.float64)
-    band = dwconv.band_weight(weight, width, pad).reshape(c, width, width, k)  # (C, W_out, W, kh)
+    t = toeplitz.tiling(width, k, pad, tile)
+    band = toeplitz.band_weight(weight, t).reshape(c, t.tile, t.cols, k)  # (C, tile, cols, kh)
     row = torch.randn(width, dtype=torch.float64)
+    padded = F.pad(row, (t.left, t.right))
     for ch in range(c):
         for a in range(k):
             ref = F.conv1d(row[None, None], weight[ch, :, a][None], padding=pad)[0, 0]
-            torch.testing.assert_close(band[ch, :, :, a] @ row, ref)
+            got = torch.cat([band[ch, :, :, a] @ padded[i * t.tile:i * t.tile + t.cols] for i in range(t.tiles)])
+            torch.testing.assert_close(got[:t.out_width], ref)
 
 
 def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):

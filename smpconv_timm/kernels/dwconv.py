@@ -13,16 +13,12 @@ runs a custom autograd function whose three stages each have candidates, all pla
   31x31 kernels); ``fft``, the cross-correlation of input and output gradient by FFT; ``toeplitz``; and
   ``native_fp32`` for bf16 / fp16 inputs.
 
-``toeplitz``: kernel row ``a`` of channel ``c`` acts on an image row as a banded (Toeplitz) matrix
-``B[c, a]`` of shape (W_out, W), ``B[c, a][j, w] = K[c, a, w - j + pad]`` inside the band, 0 outside (the
-horizontal zero padding is folded into the band). With the image rows of each channel laid out as channels,
-``(N, C * W, H, 1)``, the conv is one grouped conv over H with ``C`` groups of ``W`` input and ``W_out`` output
-channels and the ``kh`` matrices as its taps: implicit GEMMs of depth ``W * kh`` that a CPU's or GPU's matrix
-units run (AMX, tensor cores), at ``W / kw`` times the multiply-adds of the direct conv. Its backward is the same
-conv's (oneDNN / cuDNN), the band's gradient summed back along its diagonals onto the kernel.
+``toeplitz`` (``toeplitz.py``): each kernel row a banded matrix, the conv one grouped conv whose implicit GEMMs run
+on a CPU's or GPU's matrix units (AMX, tensor cores); its variants ``toeplitz:16``, ``toeplitz:32`` (output columns
+per tile) and ``toeplitz:0`` (whole rows) are tuned like the algorithms.
 
 Each stage picks an algorithm per shape: ``'auto'`` (the default) times the candidates once per
-(device, dtype, shape) on the running machine and keeps the winner. Override with
+(device, dtype, shape) on the running machine and keeps the winner; a fixed ``toeplitz`` still tunes its tiles. Override with
 ``smpconv_timm.config.set_dwconv_algorithms(forward=..., input_grad=..., weight_grad=...)`` or the ``SMPCONV_DWCONV``
 environment variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). Taps that only ever see zero padding
 (maps smaller than the kernel) are skipped first.
@@ -39,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
+from . import toeplitz
 from .runtime import autocast_dtype, is_tracing
 
-__all__ = ['depthwise_conv2d', 'band_weight', 'rows_shape', 'to_rows', 'from_rows', 'layout', 'candidates', 'pick', 'crop_kernel',
-           'crop_taps', 'ALGORITHMS']
+__all__ = ['depthwise_conv2d', 'layout', 'variants', 'candidates', 'pick', 'tile_of', 'crop_kernel', 'crop_taps',
+           'ALGORITHMS', 'TOEPLITZ_TILES']
 
 ALGORITHMS = config.DWCONV_ALGORITHMS
 _tuned: Dict[tuple, str] = {}
@@ -105,85 +102,20 @@ def _weight_grad_fft(x, grad, kernel: Tuple[int, int], padding: Tuple[int, int])
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def rows_shape(x: torch.Tensor) -> Tuple[int, int, int, int]:
-    n, c, h, w = x.shape
-    return n, c * w, h, 1
-
-
-def to_rows(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C * W, H, 1), channels-last: each channel's image columns as channels, H as the
-    spatial axis (memory (N, H, C, W), one copy from either layout)."""
-    n, c, h, w = x.shape
-    rows = torch.empty(rows_shape(x), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    rows.permute(0, 2, 3, 1).view(n, h, c, w).copy_(x.permute(0, 2, 1, 3))
-    return rows
-
-
-def from_rows(y: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
-    """Inverse of ``to_rows`` for a (N, C * W, H, 1) channels-last result, in ``layout``."""
-    n, cw, h, _ = y.shape
-    w = cw // channels
-    return y.permute(0, 2, 3, 1).reshape(n, h, channels, w).permute(0, 2, 1, 3).contiguous(memory_format=layout)
-
-
-def _band_taps(width: int, out_width: int, kw: int, pad: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(tap index, inside-band mask), both (W_out, W): output column j reads input column w through tap w - j + pad."""
-    tap = torch.arange(width, device=device)[None, :] - torch.arange(out_width, device=device)[:, None] + pad
-    inside = (tap >= 0) & (tap < kw)
-    return tap.clamp(0, kw - 1), inside
-
-
-def band_weight(weight: torch.Tensor, width: int, pad: int) -> torch.Tensor:
-    """The ``toeplitz`` form of a depthwise kernel (C, 1, kh, kw) for inputs ``width`` wide with horizontal
-    padding ``pad``: the grouped-conv weight (C * W_out, W, kh, 1), channels-last."""
-    c, _, kh, kw = weight.shape
-    out_width = width + 2 * pad - kw + 1
-    tap, inside = _band_taps(width, out_width, kw, pad, weight.device)
-    band = torch.where(inside, weight[:, 0][:, :, tap], weight.new_zeros(()))  # (C, kh, W_out, W)
-    return band.permute(0, 2, 3, 1).reshape(c * out_width, width, kh, 1).contiguous(memory_format=torch.channels_last)
-
-
-def _band_to_kernel(band_grad: torch.Tensor, channels: int, kernel: Tuple[int, int], pad: int) -> torch.Tensor:
-    """Adjoint of ``band_weight``: sums a band gradient (C * W_out, W, kh, 1) along its diagonals onto the
-    kernel (C, 1, kh, kw), in float32 at least."""
-    kh, kw = kernel
-    cw_out, width = band_grad.shape[:2]
-    out_width = cw_out // channels
-    grad = band_grad.reshape(channels, out_width, width, kh).permute(0, 3, 1, 2)  # (C, kh, W_out, W)
-    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    # column w + pad of row j holds tap (w + pad) - j: with a row length L, diagonal b starts at b and steps L + 1
-    length = max(pad + width, out_width + kw - 1)
-    padded = F.pad(grad, (pad, length - pad - width)).contiguous()
-    s = padded.stride()
-    diagonals = padded.as_strided((channels, kh, out_width, kw), (s[0], s[1], length + 1, 1))
-    return diagonals.sum(2).unsqueeze(1)
-
-
-def _conv_toeplitz(x, weight, padding):
-    band = band_weight(weight, x.shape[-1], padding[1])
-    out = F.conv2d(to_rows(x), band, None, 1, (padding[0], 0), 1, x.shape[1])
-    return from_rows(out, x.shape[1], layout(x))
-
-
-def _weight_grad_toeplitz(x, grad, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
-    c, w = x.shape[1], x.shape[-1]
-    band_shape = torch.empty((c * grad.shape[-1], w, kernel[0], 1), dtype=grad.dtype, device=grad.device,
-                             memory_format=torch.channels_last)
-    band_grad = torch.ops.aten.convolution_backward(
-        to_rows(grad), to_rows(x), band_shape, None, [1, 1], [padding[0], 0], [1, 1], False, [0, 0], c,
-        [False, True, False])[1]
-    return _band_to_kernel(band_grad, c, kernel, padding[1])
-
-
 def _conv_direct(x, weight, padding):
     return F.conv2d(x, weight, None, 1, padding, 1, x.shape[1])
+
+
+def tile_of(algo: str) -> int:
+    """The tile of a ``toeplitz:<tile>`` variant (``toeplitz`` alone: whole rows)."""
+    return int(algo.partition(':')[2] or 0)
 
 
 def _forward(algo, x, weight, padding):
     if algo == 'fft':
         return _conv_fft(x, weight, padding).contiguous(memory_format=layout(x))
-    if algo == 'toeplitz':
-        return _conv_toeplitz(x, weight, padding)
+    if algo.startswith('toeplitz'):
+        return toeplitz.conv(x, weight, padding, tile_of(algo))
     if algo == 'direct_fp32' and x.dtype in _HALF:
         return _conv_direct(x.float(), weight.float(), padding).to(x.dtype)
     return _conv_direct(x, weight, padding)
@@ -200,8 +132,8 @@ def _input_grad(algo, grad, weight, padding, x):
 def _weight_grad(algo, x, grad, weight, padding):
     if algo == 'fft':
         return _weight_grad_fft(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
-    if algo == 'toeplitz':
-        return _weight_grad_toeplitz(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
+    if algo.startswith('toeplitz'):
+        return toeplitz.weight_grad(x, grad, tuple(weight.shape[-2:]), padding, tile_of(algo)).to(weight.dtype)
     if algo == 'native_fp32' and x.dtype in _HALF:
         return _weight_grad('native', x.float(), grad.float(), weight.float(), padding).to(weight.dtype)
     return torch.ops.aten.convolution_backward(
@@ -213,25 +145,38 @@ def layout(x: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
+#: the tiles ``toeplitz`` is tuned over: output columns per tile, 0 for whole rows
+TOEPLITZ_TILES = (16, 32, 0)
+
+
+def variants(algo: str) -> Tuple[str, ...]:
+    """What an algorithm name runs as: ``toeplitz`` as its tiles, any other name as itself."""
+    return tuple(f'toeplitz:{t}' for t in TOEPLITZ_TILES) if algo == 'toeplitz' else (algo,)
+
+
 def candidates(stage: str, dtype: torch.dtype) -> Tuple[str, ...]:
-    """The algorithms ``'auto'`` chooses from for this stage and input dtype (the ``_fp32`` ones for bf16 / fp16)."""
-    return tuple(a for a in ALGORITHMS[stage] if not a.endswith('_fp32') or dtype in _HALF)
+    """What ``'auto'`` chooses from for this stage and input dtype (the ``_fp32`` ones for bf16 / fp16 only)."""
+    return tuple(v for a in ALGORITHMS[stage] if not a.endswith('_fp32') or dtype in _HALF for v in variants(a))
 
 
 def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Optional[Tuple[str, ...]] = None) -> str:
-    """The algorithm for this stage and shape: fixed by the user, or the fastest measured here.
+    """The algorithm for this stage and shape: the fastest measured here among ``names`` (default: ``candidates``),
+    or among the variants of the algorithm the user fixed.
 
-    ``key`` starts with (device type, dtype); ``names``: the candidates to time (default: all of this stage and
-    dtype). Each runs once to warm up (plans, packing), then its best of two timed runs counts.
+    ``key`` starts with (device type, dtype). Each candidate runs once to warm up (plans, packing), then its best
+    of two timed runs counts; the winner is kept per key and candidate set.
     """
-    algo = config.dwconv_algorithms()[stage]
-    if algo != 'auto':
-        return algo
-    key = (stage,) + key
+    names = names or candidates(stage, key[1])
+    fixed = config.dwconv_algorithms()[stage]
+    if fixed != 'auto':
+        names = tuple(n for n in names if n == fixed or n.partition(':')[0] == fixed) or variants(fixed)
+    if len(names) == 1:
+        return names[0]
+    key = (stage,) + key + (names,)
     if key not in _tuned:
         sync = torch.cuda.synchronize if key[1] == 'cuda' else (lambda: None)
         timings = {}
-        for candidate in names or candidates(stage, key[2]):
+        for candidate in names:
             run(candidate)
             best = float('inf')
             for _ in range(2):
@@ -306,14 +251,16 @@ def depthwise_conv2d(
     On maps smaller than the kernel, taps that only ever see zero padding are skipped (same result, less
     work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, ONNX export) see plain
     ``F.conv2d``, valid at every input size; with ``config.set_dwconv_algorithms(forward='toeplitz')`` they record
-    the matrix form instead, valid at the traced input width (torch.fx keeps this function as a leaf).
+    the matrix form instead (whole rows, or the tile of ``toeplitz:<tile>``), valid at the traced input width
+    (torch.fx keeps this function as a leaf).
     """
     if stride != 1 or x.device.type == 'meta':
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
     if is_tracing():  # graphs record plain ops: F.conv2d, or the matrix form where it is forced (e.g. for ONNX)
-        if config.dwconv_algorithms()['forward'] != 'toeplitz':
+        fixed = config.dwconv_algorithms()['forward']
+        if not fixed.startswith('toeplitz'):
             return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
-        out = _conv_toeplitz(x, weight, (padding, padding))
+        out = toeplitz.conv(x, weight, (padding, padding), tile_of(fixed))
         return out if bias is None else out + bias.reshape(1, -1, 1, 1)
     if x.numel() == 0:  # an empty batch: nothing to tune on (FFTs refuse empty tensors)
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import config
-from . import dwconv
+from . import dwconv, toeplitz
 from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, fold_mode, is_tracing, release_free_memory
 
@@ -149,7 +149,7 @@ class FusedConv:
     among ``dwconv``'s forward candidates that fuse: ``direct``, ``toeplitz`` (its band matrices prepacked) and, for
     bf16 / fp16 inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training).
     """
-    _FUSED_CANDIDATES = ('direct', 'toeplitz', 'direct_fp32')
+    _FUSABLE = ('direct', 'toeplitz', 'direct_fp32')  # the forward algorithms a prepacked plan runs
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
                  groups: int = 1, act: str = 'none'):
@@ -213,10 +213,12 @@ class FusedConv:
                     built[algo] = self._pack(algo, x, weight, bias, padding)
                 return self._onednn(x, None, built[algo])
 
-            names = tuple(a for a in self._FUSED_CANDIDATES if a in dwconv.candidates('forward', x.dtype))
+            names = tuple(v for v in dwconv.candidates('forward', x.dtype) if v.partition(':')[0] in self._FUSABLE)
             algo = dwconv.pick('forward', (x.device.type, x.dtype, tuple(x.shape), x.is_contiguous(),
                                            tuple(weight.shape), padding, 'fused'), run, names)
-            plan = built.get(algo) or self._pack(algo if algo in names else 'direct', x, weight, bias, padding)
+            if algo.partition(':')[0] not in self._FUSABLE:
+                algo = 'direct'  # a fixed algorithm that does not fuse (fft): the direct conv, as before it existed
+            plan = built.get(algo) or self._pack(algo, x, weight, bias, padding)
         else:
             plan = self._pack('direct', x, weight, bias, padding)
         self._packed[key] = plan
@@ -224,16 +226,18 @@ class FusedConv:
         return plan
 
     def _pack(self, algo: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding) -> '_Plan':
-        shape = list(x.shape)
-        if algo == 'toeplitz':
-            weight = dwconv.band_weight(weight, x.shape[-1], padding[1])
-            bias = bias.repeat_interleave(weight.shape[0] // self.groups)
-            padding, shape = (padding[0], 0), list(dwconv.rows_shape(x))
+        shape, tiles = list(x.shape), None
+        if algo.startswith('toeplitz'):
+            tiles = toeplitz.tiling(x.shape[-1], weight.shape[-1], padding[1], dwconv.tile_of(algo))
+            weight = toeplitz.band_weight(weight, tiles)
+            bias = bias.repeat_interleave(tiles.tile)
+            shape = [shape[0] * tiles.tiles, self.groups * tiles.cols, shape[2], 1]
+            padding = (padding[0], 0)
         elif algo == 'direct_fp32':
             weight, bias = weight.float(), bias.float()
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, list(padding), [self.stride] * 2, [1, 1], self.groups, shape)
-        return _Plan(algo, packed, bias, padding)
+        return _Plan(algo, packed, bias, padding, tiles)
 
     def _onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor], plan: '_Plan') -> torch.Tensor:
         geometry = (list(plan.padding), [self.stride] * 2, [1, 1], self.groups)
@@ -243,9 +247,10 @@ class FusedConv:
                 x, residual, plan.weight, plan.bias, *geometry, 'add', None, None, [], None)
         act = 'none' if self.act == 'relu' else self.act  # oneDNN's fused ReLU maps NaN to 0: ReLU after the conv
         post_op = (act, [], 'none' if act == 'gelu' else '')
-        if plan.algo == 'toeplitz':
-            out = torch.ops.mkldnn._convolution_pointwise(dwconv.to_rows(x), plan.weight, plan.bias, *geometry, *post_op)
-            out = dwconv.from_rows(out, self.groups, dwconv.layout(x))
+        if plan.tiles is not None:
+            rows = toeplitz.input_rows(x, plan.tiles)
+            out = torch.ops.mkldnn._convolution_pointwise(rows, plan.weight, plan.bias, *geometry, *post_op)
+            out = toeplitz.from_rows(out, plan.tiles, dwconv.layout(x))
         elif plan.algo == 'direct_fp32':
             out = torch.ops.mkldnn._convolution_pointwise(x.float(), plan.weight, plan.bias, *geometry, *post_op)
             out = out.to(x.dtype)
@@ -255,11 +260,13 @@ class FusedConv:
 
 
 class _Plan(NamedTuple):
-    """How a ``FusedConv`` runs one input geometry: the algorithm, its oneDNN-packed weight, bias and padding."""
+    """How a ``FusedConv`` runs one input geometry: the algorithm, its oneDNN-packed weight, bias and padding, and
+    for ``toeplitz`` the tiling of the input."""
     algo: str
     weight: torch.Tensor
     bias: torch.Tensor
     padding: Tuple[int, int]
+    tiles: Optional[toeplitz.Tiling] = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.bias))
