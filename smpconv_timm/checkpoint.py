@@ -81,7 +81,9 @@ def _read_error(path: str, error: Exception) -> CheckpointError:
     chain = [error]
     while chain[-1].__cause__ or chain[-1].__context__:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    refused = list(dict.fromkeys(name for e in chain for name in re.findall(r'\bGLOBAL ([\w.]+)', str(e))))
+    # torch < 2.5 qualifies builtins ('builtins.exec'), later releases do not ('exec'): named the same either way
+    refused = list(dict.fromkeys(name.removeprefix('builtins.') for e in chain
+                                 for name in re.findall(r'\bGLOBAL ([\w.]+)', str(e))))
     if refused:
         return CheckpointError(
             f'cannot read checkpoint {path}: the file holds pickled objects that weights-only loading refuses (it may '

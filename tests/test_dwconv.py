@@ -56,6 +56,25 @@ def test_every_candidate_equals_conv2d_in_float64(stage, algo, channels_last):
             assert got[0].is_contiguous(memory_format=torch.channels_last), algo
 
 
+@pytest.mark.parametrize('stage, algo', [(s, a) for s, algos in dwconv.STRIDED.items() for a in algos])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_strided_candidates_equal_conv2d(stage, algo, dtype):
+    """Stride 2 (the stem's and the downsampling 3x3s): the candidates that apply, forward and both gradients."""
+    config.set_dwconv_algorithms(**dict(PLAIN, **{stage: algo}))
+    for n, c, h, w, k, p in ((2, 3, 11, 9, 3, 1), (2, 4, 16, 16, 5, 2), (1, 2, 7, 8, 3, 0)):
+        torch.manual_seed(0)
+        x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, 1, k, k).to(dtype), torch.randn(c).to(dtype)
+        grad = torch.randn(n, c, (h + 2 * p - k) // 2 + 1, (w + 2 * p - k) // 2 + 1).to(dtype)
+        exact = conv_and_grads(*(t.double() for t in (x, weight, bias)), p, grad.double(),
+                               lambda x, w, b, pad: F.conv2d(x, w, b, 2, pad, 1, c))
+        got = conv_and_grads(x, weight, bias, p, grad, lambda x, w, b, pad: dwconv.depthwise_conv2d(x, w, b, 2, pad))
+        tol = 1e-10 if dtype == torch.float64 else 1e-2
+        for name, g, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, exact):
+            assert g.dtype == dtype and g.shape == r.shape, name
+            torch.testing.assert_close(g.double(), r, rtol=0, atol=tol * r.abs().max().item(), msg=f'{algo} {name}')
+
+
 @pytest.mark.parametrize('stage, algo', STAGE_CANDIDATES)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_every_candidate_in_half_precision(stage, algo, dtype):
@@ -111,7 +130,8 @@ def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):
     dwconv.depthwise_conv2d(x, weight, None, 1, 4).sum().backward()
     stages = sorted(key[0] for key in dwconv._tuned)
     assert stages == ['forward', 'input_grad', 'weight_grad']
-    assert all(algo in dwconv.ALGORITHMS[key[0]] for key, algo in dwconv._tuned.items())
+    # the winner is one of the candidates timed, which are those of the stage and dtype (toeplitz as its tiles)
+    assert all(algo in key[-1] and key[-1] == dwconv.candidates(key[0], torch.float32) for key, algo in dwconv._tuned.items())
     with pytest.raises(ValueError, match="unknown weight_grad algorithm 'winograd'"):
         config.set_dwconv_algorithms(weight_grad='winograd')
     with pytest.raises(ValueError, match="unknown stage 'backward'"):

@@ -8,7 +8,7 @@ runs a custom autograd function whose three stages each have candidates, all pla
   conv run in float32 and rounded back (no depthwise conv reaches a CPU's matrix units, and oneDNN's float32
   kernel is faster than its bf16 one on some CPUs);
 - input gradient: the forward conv with the flipped kernel by any forward candidate, or ``native``, PyTorch's
-  own depthwise backward (up to 2x slower on channels-last CPU tensors);
+  own depthwise backward (up to 2x slower on channels-last CPU tensors), and ``native_fp32`` for bf16 / fp16;
 - weight gradient: ``native``, PyTorch's own ``convolution_backward`` (on CPU up to 30x the forward time for
   31x31 kernels); ``fft``, the cross-correlation of input and output gradient by FFT; ``toeplitz``; and
   ``native_fp32`` for bf16 / fp16 inputs.
@@ -39,7 +39,7 @@ from . import toeplitz
 from .runtime import autocast_dtype, is_tracing
 
 __all__ = ['depthwise_conv2d', 'layout', 'variants', 'candidates', 'pick', 'tile_of', 'crop_kernel', 'crop_taps',
-           'ALGORITHMS', 'TOEPLITZ_TILES']
+           'ALGORITHMS', 'STRIDED', 'TOEPLITZ_TILES']
 
 ALGORITHMS = config.DWCONV_ALGORITHMS
 _tuned: Dict[tuple, str] = {}
@@ -102,8 +102,8 @@ def _weight_grad_fft(x, grad, kernel: Tuple[int, int], padding: Tuple[int, int])
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _conv_direct(x, weight, padding):
-    return F.conv2d(x, weight, None, 1, padding, 1, x.shape[1])
+def _conv_direct(x, weight, padding, stride=1):
+    return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
 
 
 def tile_of(algo: str) -> int:
@@ -111,33 +111,40 @@ def tile_of(algo: str) -> int:
     return int(algo.partition(':')[2] or 0)
 
 
-def _forward(algo, x, weight, padding):
+def _forward(algo, x, weight, padding, stride=1):
     if algo == 'fft':
         return _conv_fft(x, weight, padding).contiguous(memory_format=layout(x))
     if algo.startswith('toeplitz'):
         return toeplitz.conv(x, weight, padding, tile_of(algo))
     if algo == 'direct_fp32' and x.dtype in _HALF:
-        return _conv_direct(x.float(), weight.float(), padding).to(x.dtype)
-    return _conv_direct(x, weight, padding)
+        return _conv_direct(x.float(), weight.float(), padding, stride).to(x.dtype)
+    return _conv_direct(x, weight, padding, stride)
 
 
-def _input_grad(algo, grad, weight, padding, x):
-    if algo == 'native':
-        return torch.ops.aten.convolution_backward(
-            grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], x.shape[1], [True, False, False])[0]
+def _native(grad, x, weight, padding, stride, which: int, fp32: bool):
+    """PyTorch's own backward of the conv: the input (``which`` 0) or weight (1) gradient, computed in float32 for
+    bf16 / fp16 tensors where ``fp32``."""
+    dtype = (x, weight)[which].dtype
+    if fp32 and x.dtype in _HALF:
+        grad, x, weight = grad.float(), x.float(), weight.float()
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [stride] * 2, list(padding), [1, 1], False, [0, 0], x.shape[1],
+        [which == 0, which == 1, False])[which].to(dtype)
+
+
+def _input_grad(algo, grad, weight, padding, x, stride=1):
+    if algo in ('native', 'native_fp32'):
+        return _native(grad, x, weight, padding, stride, 0, algo == 'native_fp32')
     kh, kw = weight.shape[-2:]
     return _forward(algo, grad, weight.flip(-2, -1), (kh - 1 - padding[0], kw - 1 - padding[1]))
 
 
-def _weight_grad(algo, x, grad, weight, padding):
+def _weight_grad(algo, x, grad, weight, padding, stride=1):
     if algo == 'fft':
         return _weight_grad_fft(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
     if algo.startswith('toeplitz'):
         return toeplitz.weight_grad(x, grad, tuple(weight.shape[-2:]), padding, tile_of(algo)).to(weight.dtype)
-    if algo == 'native_fp32' and x.dtype in _HALF:
-        return _weight_grad('native', x.float(), grad.float(), weight.float(), padding).to(weight.dtype)
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], x.shape[1], [False, True, False])[1]
+    return _native(grad, x, weight, padding, stride, 1, algo == 'native_fp32')
 
 
 def layout(x: torch.Tensor) -> torch.memory_format:
@@ -154,21 +161,28 @@ def variants(algo: str) -> Tuple[str, ...]:
     return tuple(f'toeplitz:{t}' for t in TOEPLITZ_TILES) if algo == 'toeplitz' else (algo,)
 
 
-def candidates(stage: str, dtype: torch.dtype) -> Tuple[str, ...]:
-    """What ``'auto'`` chooses from for this stage and input dtype (the ``_fp32`` ones for bf16 / fp16 only)."""
-    return tuple(v for a in ALGORITHMS[stage] if not a.endswith('_fp32') or dtype in _HALF for v in variants(a))
+#: the algorithms of each stage of a strided depthwise conv (the others need stride 1)
+STRIDED = {'forward': ('direct', 'direct_fp32'), 'input_grad': ('native', 'native_fp32'),
+           'weight_grad': ('native', 'native_fp32')}
+
+
+def candidates(stage: str, dtype: torch.dtype, stride: int = 1) -> Tuple[str, ...]:
+    """What ``'auto'`` chooses from for this stage, input dtype and stride (the ``_fp32`` ones for bf16 / fp16)."""
+    return tuple(v for a in ALGORITHMS[stage] if (not a.endswith('_fp32') or dtype in _HALF)
+                 and (stride == 1 or a in STRIDED[stage]) for v in variants(a))
 
 
 def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Optional[Tuple[str, ...]] = None) -> str:
     """The algorithm for this stage and shape: the fastest measured here among ``names`` (default: ``candidates``),
     or among the variants of the algorithm the user fixed.
 
-    ``key`` starts with (device type, dtype). Each candidate runs once to warm up (plans, packing), then its best
+    ``key`` starts with (device type, dtype) and ends with the stride (a fixed algorithm that needs stride 1 does not
+    apply to a strided conv). Each candidate runs once to warm up (plans, packing), then its best
     of two timed runs counts; the winner is kept per key and candidate set.
     """
-    names = names or candidates(stage, key[1])
+    names = names or candidates(stage, key[1], key[-1])
     fixed = config.dwconv_algorithms()[stage]
-    if fixed != 'auto':
+    if fixed != 'auto' and (key[-1] == 1 or fixed in STRIDED[stage]):
         names = tuple(n for n in names if n == fixed or n.partition(':')[0] == fixed) or variants(fixed)
     if len(names) == 1:
         return names[0]
@@ -193,30 +207,31 @@ def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Opti
 class _DepthwiseConv2d(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding):
-        key = (x.device.type, x.dtype, tuple(x.shape), layout(x), tuple(weight.shape), padding)
-        algo = pick('forward', key, lambda a: _forward(a, x, weight, padding))
-        out = _forward(algo, x, weight, padding)
+    def forward(ctx, x, weight, bias, padding, stride):
+        key = (x.device.type, x.dtype, tuple(x.shape), layout(x), tuple(weight.shape), padding, stride)
+        algo = pick('forward', key, lambda a: _forward(a, x, weight, padding, stride))
+        out = _forward(algo, x, weight, padding, stride)
         if bias is not None:
             out = out + bias.reshape(1, -1, 1, 1)
         ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.key = padding, key
+        ctx.padding, ctx.stride, ctx.key = padding, stride, key
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        key = ctx.key + (layout(grad),)
+        padding, stride = ctx.padding, ctx.stride
+        key = ctx.key[:-1] + (layout(grad), stride)
         if ctx.needs_input_grad[0]:
-            algo = pick('input_grad', key, lambda a: _input_grad(a, grad, weight, ctx.padding, x))
-            grad_x = _input_grad(algo, grad, weight, ctx.padding, x)
+            algo = pick('input_grad', key, lambda a: _input_grad(a, grad, weight, padding, x, stride))
+            grad_x = _input_grad(algo, grad, weight, padding, x, stride)
         if ctx.needs_input_grad[1]:
-            algo = pick('weight_grad', key, lambda a: _weight_grad(a, x, grad, weight, ctx.padding))
-            grad_w = _weight_grad(algo, x, grad, weight, ctx.padding)
+            algo = pick('weight_grad', key, lambda a: _weight_grad(a, x, grad, weight, padding, stride))
+            grad_w = _weight_grad(algo, x, grad, weight, padding, stride)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def crop_taps(k: int, pad: int, size: int) -> Tuple[int, int, int]:
@@ -246,7 +261,8 @@ def depthwise_conv2d(
         stride: int = 1,
         padding: int = 0,
 ) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding, groups=C)`` with the fastest algorithms of this device.
+    """``F.conv2d(x, weight, bias, stride, padding, groups=C)`` with the fastest algorithms of this device (a strided
+    conv chooses among ``STRIDED``: the direct conv and PyTorch's backward, in the input's dtype or in float32).
 
     On maps smaller than the kernel, taps that only ever see zero padding are skipped (same result, less
     work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, ONNX export) see plain
@@ -254,11 +270,11 @@ def depthwise_conv2d(
     the matrix form instead (whole rows, or the tile of ``toeplitz:<tile>``), valid at the traced input width
     (torch.fx keeps this function as a leaf).
     """
-    if stride != 1 or x.device.type == 'meta':
+    if x.device.type == 'meta':
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
     if is_tracing():  # graphs record plain ops: F.conv2d, or the matrix form where it is forced (e.g. for ONNX)
         fixed = config.dwconv_algorithms()['forward']
-        if not fixed.startswith('toeplitz'):
+        if stride != 1 or not fixed.startswith('toeplitz'):
             return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
         out = toeplitz.conv(x, weight, (padding, padding), tile_of(fixed))
         return out if bias is None else out + bias.reshape(1, -1, 1, 1)
@@ -269,5 +285,8 @@ def depthwise_conv2d(
         with torch.autocast(x.device.type, enabled=False):
             return depthwise_conv2d(
                 x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding)
-    weight, padding = crop_kernel(weight, padding, x.shape[-2:])
-    return _DepthwiseConv2d.apply(x, weight, bias, padding)
+    if stride == 1:
+        weight, pads = crop_kernel(weight, padding, x.shape[-2:])
+    else:
+        pads = (padding, padding)
+    return _DepthwiseConv2d.apply(x, weight, bias, pads, stride)

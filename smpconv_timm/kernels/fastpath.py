@@ -215,7 +215,7 @@ class FusedConv:
 
             names = tuple(v for v in dwconv.candidates('forward', x.dtype) if v.partition(':')[0] in self._FUSABLE)
             algo = dwconv.pick('forward', (x.device.type, x.dtype, tuple(x.shape), x.is_contiguous(),
-                                           tuple(weight.shape), padding, 'fused'), run, names)
+                                           tuple(weight.shape), padding, 'fused', 1), run, names)
             if algo.partition(':')[0] not in self._FUSABLE:
                 algo = 'direct'  # a fixed algorithm that does not fuse (fft): the direct conv, as before it existed
             plan = built.get(algo) or self._pack(algo, x, weight, bias, padding)
