@@ -35,6 +35,7 @@ import torch
 
 from smpconv_timm import MODEL_NAMES, VARIANTS, __version__
 from smpconv_timm.checkpoint import is_ema_key, load_checkpoint_file, recognise_variant, weights_key
+from smpconv_timm.cli import run_command
 from smpconv_timm.download import WEIGHTS_FILE, sha256_file
 from smpconv_timm.variants import HF_HUB_NAMESPACE, PRETRAINED_TAG
 
@@ -514,12 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f'publish.py {args.command}: error: {e}', file=sys.stderr)
-        return 2
+    return run_command(build_parser().parse_args(argv), 'publish.py')
 
 
 if __name__ == '__main__':
