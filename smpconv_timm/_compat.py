@@ -18,6 +18,9 @@ from timm.models._builder import _resolve_pretrained_source
 # timm.models._hub: the model card writer and config reader behind push_to_hf_hub / hf-hub: models, the
 # 'repo@revision' split and the .bin -> .safetensors alternatives timm's Hub loader tries (timm 1.0.20 - 1.0.31)
 from timm.models._hub import _get_safe_alternatives, generate_readme, hf_split, load_model_config_from_path
+# timm.models._factory: create_model('hf-hub:...') fetches the repo's config.json through this module's
+# load_model_config_from_hf, before any model code runs; download.guard_hf_hub_configs wraps it (timm 1.0.21 - 1.0.31)
+from timm.models import _factory as timm_factory
 
 try:
     # torch.fx: no public "is symbolic tracing" query; named is_fx_symbolic_tracing since torch 2.5
@@ -27,7 +30,7 @@ except ImportError:  # torch 2.4
 
 __all__ = [
     'feature_take_indices', '_resolve_pretrained_source', '_get_safe_alternatives', 'generate_readme', 'hf_split',
-    'load_model_config_from_path', 'is_fx_symbolic_tracing', 'torch_load', 'sha_fileobj', 'git_hash',
+    'load_model_config_from_path', 'timm_factory', 'is_fx_symbolic_tracing', 'torch_load', 'sha_fileobj', 'git_hash',
     'is_offline_mode',
 ]
 

@@ -17,6 +17,8 @@ Uploads (``HfApi.create_repo`` / ``create_branch`` / ``upload_folder``)
 
 Faults for tests: ``cdn_fault = ('truncate', n_bytes)`` serves LFS blobs cut to ``n_bytes`` (the HEAD still
 announces the full size), ``('corrupt', offset)`` flips one byte at ``offset`` (same size, wrong content).
+``hub_status = code`` answers every request to the Hub with that HTTP status and none of the Hub's headers, as a
+server that is no Hub (or a Hub that is down) does.
 ``requests`` records (server, method, path, authorization header) of every request.
 
 Not covered: Xet storage (tests set ``HF_HUB_DISABLE_XET``: the client then uses the LFS protocol, as any
@@ -73,6 +75,7 @@ class LocalHub:
         self.lfs: Dict[str, bytes] = {}
         self.requests: List[Tuple[str, str, str, Optional[str]]] = []
         self.cdn_fault: Optional[Tuple[str, int]] = None
+        self.hub_status: Optional[int] = None
         self._pending: Dict[str, int] = {}  # LFS uploads announced by a batch call: oid -> size
         self.lock = threading.Lock()
         self._hub = ThreadingHTTPServer(('127.0.0.1', 0), self._handler('hub'))
@@ -226,6 +229,8 @@ class LocalHub:
         return h.error(405, None, 'method not allowed')
 
     def _hub_route(self, h, method: str, path: str, body: bytes, auth: Optional[str]) -> None:
+        if self.hub_status is not None:
+            return h.reply(self.hub_status, b'', {'Content-Type': 'text/plain'})
         m = re.fullmatch(r'/([^/]+/[^/]+)/resolve/([^/]+)/(.+)', path)
         if m and method in ('GET', 'HEAD'):
             return self._resolve(h, unquote(m.group(1)), unquote(m.group(2)), unquote(m.group(3)), auth)
