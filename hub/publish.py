@@ -147,7 +147,10 @@ def build_hub_folder(
         info = ImageNetInfo()
         save_for_hf(
             reference, tmp, safe_serialization=True,
-            model_config=dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True)))
+            model_config=dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True)),
+            # newer timm records these itself; older releases write only the model_args they are given
+            model_args=dict(in_chans=reference.in_chans, num_classes=reference.num_classes,
+                            global_pool=reference.head.global_pool.pool_type))
         card = model_card(reference, complexity, source=checkpoint.name, source_sha256=sha256_file(checkpoint),
                           weights=weights)
         (tmp / 'README.md').write_text(generate_readme(card, name), encoding='utf-8')

@@ -1,6 +1,6 @@
 """Every private timm / torch name this package relies on, and stand-ins for helpers older releases lack.
 
-Checked against the declared minimums (pyproject.toml: timm 1.0.26, torch 2.4, huggingface_hub 0.23) and the
+Checked against the declared minimums (pyproject.toml: timm 1.0.26, torch 2.4, huggingface_hub 0.20) and the
 newest tested releases (timm 1.0.31, torch 2.14, huggingface_hub 2.4); ``.ci/floors.sh`` tests the minimums.
 Everything else is imported from the public API (``timm.models``, ``timm.utils``, ``huggingface_hub``).
 """
@@ -65,13 +65,13 @@ def sha_fileobj(fileobj: BinaryIO, chunk_size: int = 1 << 20) -> bytes:
 def git_hash(data: bytes) -> str:
     """Git blob SHA-1 (hex) of ``data``, the Hub's ETag of a non-LFS file.
 
-    Stands in for ``huggingface_hub.utils.sha.git_hash`` (not in huggingface_hub 0.23).
+    Stands in for ``huggingface_hub.utils.sha.git_hash`` (not in huggingface_hub 0.20).
     """
     return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
 
 
 def is_offline_mode() -> bool:
-    """huggingface_hub's offline switch (``HF_HUB_OFFLINE``): a function since 1.x, a constant in 0.23."""
+    """huggingface_hub's offline switch (``HF_HUB_OFFLINE``): a function since 1.x, a constant before."""
     from huggingface_hub import constants
     if hasattr(constants, 'is_offline_mode'):
         return bool(constants.is_offline_mode())

@@ -1,13 +1,16 @@
 """A Hugging Face Hub on 127.0.0.1, for tests: the part of the Hub HTTP protocol huggingface_hub speaks.
 
-Two real HTTP servers (standard library only): the Hub itself, and a "CDN" on another port that serves and
-stores LFS blobs, as the real Hub redirects large files to a storage host.
+Two real HTTP servers (standard library only): the Hub itself, and a "CDN" on another port, addressed as
+``localhost`` (the Hub as ``127.0.0.1``), that serves and stores LFS blobs, as the real Hub redirects large files
+to a storage host.
 
 Downloads (``hf_hub_download``)
     ``HEAD/GET /{repo}/resolve/{revision}/{path}``: regular files answer 200 with ``ETag`` (git blob sha1),
     ``X-Repo-Commit`` and ``Content-Length``; LFS files answer 302 to the CDN with ``X-Linked-Etag`` (the
     sha256), ``X-Linked-Size`` and ``X-Repo-Commit``. Errors carry ``X-Error-Code`` (``RepoNotFound``,
     ``RevisionNotFound``, ``EntryNotFound``) the way the Hub sends them.
+Repo info (``HfApi.model_info``, which some clients ask before an upload)
+    ``GET /api/models/{repo}[/revision/{revision}]``: id, commit sha, privacy, ``xetEnabled: false``, file names.
 Uploads (``HfApi.create_repo`` / ``create_branch`` / ``upload_folder``)
     ``POST /api/repos/create``, ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/validate-yaml``,
     ``POST /api/models/{repo}/preupload/{revision}``, ``POST /{repo}.git/info/lfs/objects/batch`` (basic
@@ -88,7 +91,9 @@ class LocalHub:
 
     @property
     def cdn(self) -> str:
-        return f'http://127.0.0.1:{self._cdn.server_address[1]}'
+        # another host name than the Hub's, as the real storage host has: clients follow redirects within the Hub
+        # and stop at the storage host, where the file's metadata is on the redirect itself
+        return f'http://localhost:{self._cdn.server_address[1]}'
 
     def __enter__(self) -> 'LocalHub':
         for server in (self._hub, self._cdn):
@@ -234,6 +239,9 @@ class LocalHub:
         m = re.fullmatch(r'/([^/]+/[^/]+)/resolve/([^/]+)/(.+)', path)
         if m and method in ('GET', 'HEAD'):
             return self._resolve(h, unquote(m.group(1)), unquote(m.group(2)), unquote(m.group(3)), auth)
+        m = re.fullmatch(r'/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?', path)
+        if m and method == 'GET':
+            return self._model_info(h, unquote(m.group(1)), unquote(m.group(2) or 'main'), auth)
         if method != 'POST':
             return h.error(405, None, 'method not allowed')
         payload = body
@@ -322,6 +330,18 @@ class LocalHub:
                 repo.branches[revision] = sha
         return h.reply(200, json.dumps({
             'commitUrl': f'{self.endpoint}/{repo.repo_id}/commit/{sha}', 'commitOid': sha, 'success': True}).encode())
+
+    def _model_info(self, h, repo_id: str, revision: str, auth: Optional[str]) -> None:
+        repo = self.repos.get(repo_id)
+        if repo is None or (repo.private and not self._authorized(auth)):
+            return h.error(404 if repo is None else 401, 'RepoNotFound', 'Repository not found')
+        commit = repo.resolve(revision)
+        if commit is None:
+            return h.error(404, 'RevisionNotFound', 'Invalid rev id')
+        files = repo.commits[commit]['files']
+        return h.reply(200, json.dumps(dict(
+            id=repo_id, modelId=repo_id, sha=commit, private=repo.private, xetEnabled=False,
+            siblings=[dict(rfilename=p) for p in sorted(files)])).encode())
 
     def _resolve(self, h, repo_id: str, revision: str, path: str, auth: Optional[str]) -> None:
         repo = self.repos.get(repo_id)
