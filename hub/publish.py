@@ -245,8 +245,8 @@ def model_card(
         'EMA': 'the EMA weights (the ones the paper evaluates)',
         'raw': 'the raw (non-EMA) weights',
     }.get(weights, 'the weights')
-    usage = f"""The model code is not part of timm: install the `smpconv-timm` package; `import smpconv_timm` registers
-the models with timm.
+    usage = f"""The model code is not part of timm: `pip install smpconv-timm`, and every program that imports timm finds
+the models (no `import smpconv_timm` needed).
 
 ### Image Classification
 ```python
@@ -254,7 +254,6 @@ from urllib.request import urlopen
 from PIL import Image
 import timm
 import torch
-import smpconv_timm  # registers the SMPConv models with timm
 
 img = Image.open(urlopen(
     'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
@@ -277,7 +276,6 @@ top5_probabilities, top5_class_indices = torch.topk(output.softmax(dim=1) * 100,
 from urllib.request import urlopen
 from PIL import Image
 import timm
-import smpconv_timm  # registers the SMPConv models with timm
 
 img = Image.open(urlopen(
     'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
@@ -302,7 +300,6 @@ for o in output:
 from urllib.request import urlopen
 from PIL import Image
 import timm
-import smpconv_timm  # registers the SMPConv models with timm
 
 img = Image.open(urlopen(
     'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'

@@ -19,6 +19,9 @@ algorithms                  (stages ``forward``, ``input_grad``,       candidate
                             ``weight_grad``)                          measured on the running machine
 Hub namespace of the        ``SMPCONV_HF_NAMESPACE=<namespace>``      ``smpconv-timm``; read at import only (the
 pretrained weights                                                    default cfgs are built then)
+registration when timm is   ``SMPCONV_AUTOLOAD=0`` turns it off       on: ``import timm`` imports smpconv_timm,
+imported                    (read by the installed hook, not here,    which registers the models
+                            when timm is imported)                    (``_autoload/``)
 =========================== ========================================= =========================================
 
 With the fast path and the recomputation off and ``set_dwconv_algorithms(forward='direct', input_grad='native',

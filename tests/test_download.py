@@ -28,6 +28,7 @@ from publish import HUB_FILES, publish_folder  # hub/publish.py: puts the weight
 
 from hub_fixtures import *  # noqa: F401,F403  (fixtures and helpers of the local Hub)
 from local_hub import LocalHub
+from test_autoload import AUTOLOAD
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
@@ -52,19 +53,20 @@ def test_full_chain_download_then_offline(published, local_hub, fresh_cache, mon
 
 def test_environment_variables_and_namespace_override(published, local_hub, golden, make_weights, tmp_path,
                                                       monkeypatch):
-    """A fork's namespace, HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE: fresh processes, as a user runs them."""
+    """A fork's namespace, HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE: fresh processes, as a user runs them, with the
+    installed package's autoload hook and no ``import smpconv_timm``."""
     point_hf_at(monkeypatch, local_hub.endpoint, tmp_path / 'publish-cache', token=TOKEN)
     publish_folder(published, 'myfork/smpconv_t.in1k', log=lambda s: None)
-    script = textwrap.dedent('''
-        import importlib.util, sys
+    script = textwrap.dedent(f'''
+        import importlib.util, site, sys
+        site.addsitedir({str(AUTOLOAD)!r})  # as site-packages is read at start
         import numpy as np, timm, torch
-        import smpconv_timm
         spec = importlib.util.spec_from_file_location('golden_weights', sys.argv[1])
         make_weights = importlib.util.module_from_spec(spec); spec.loader.exec_module(make_weights)
         x = torch.from_numpy(make_weights.make_input(2, 224))
         for i, name in enumerate(sys.argv[3:]):
             with torch.no_grad():
-                np.save(f'{sys.argv[2]}/{i}.npy', timm.create_model(name, pretrained=True).eval()(x).double().numpy())
+                np.save(f'{{sys.argv[2]}}/{{i}}.npy', timm.create_model(name, pretrained=True).eval()(x).double().numpy())
     ''')
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING'))}
     env.update(HF_ENDPOINT=local_hub.endpoint, HF_HOME=str(tmp_path / 'hf-home'), SMPCONV_HF_NAMESPACE='myfork',
@@ -76,7 +78,7 @@ def test_environment_variables_and_namespace_override(published, local_hub, gold
                        env=dict(env, **extra), check=True, timeout=300)
         return [np.load(out / f'{i}.npy') for i in range(len(names))]
 
-    for out in run(tmp_path / 'online', ['smpconv_t', 'hf-hub:myfork/smpconv_t.in1k']):
+    for out in run(tmp_path / 'online', ['smpconv_t', 'hf-hub:myfork/smpconv_t.in1k', f'local-dir:{published}']):
         assert_golden_t(out, golden)
     fetched = {r[2] for r in local_hub.requests if r[0] == 'hub' and '/resolve/' in r[2]}
     assert '/myfork/smpconv_t.in1k/resolve/main/model.safetensors' in fetched
