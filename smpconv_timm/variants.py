@@ -1,7 +1,8 @@
 """The SMPConv variants: one table that registration, default cfgs, the model card, the CLI and the tests read.
 
-Architectures and release regularisation from the authors' code (``SMPCONV_REFERENCE.md`` section 2); top-1 as
-reported in the paper (Kim & Park, CVPR 2023, arXiv:2304.02330), cited, not re-measured here.
+Architectures and release regularisation from the authors' code (``smp_imagenet/models/SMPConv.py`` and the
+training commands of ``smp_imagenet/README.md`` in github.com/sangnekim/SMPConv); top-1 as reported in the paper
+(Kim & Park, CVPR 2023, arXiv:2304.02330), cited, not re-measured here.
 """
 import dataclasses
 from typing import Any, Dict, Tuple

@@ -2,7 +2,8 @@
 
 train.py's interface (every argument with its flags, default, nargs, type) is read from
 ``tests/data/timm_train_args.json``; ``train_replica`` rebuilds train.py's parsers from it. The
-expected recipe values are those of ``SMPCONV_REFERENCE.md`` section 4 (the authors' ImageNet-1k recipe).
+expected recipe values are the authors' ImageNet-1k recipe: the launch commands of ``smp_imagenet/README.md`` and
+the defaults of ``smp_imagenet/main.py`` in their repository (github.com/sangnekim/SMPConv).
 """
 import copy
 import math
@@ -31,7 +32,8 @@ from train_replica import CONFIGS, build_parsers, header_command, load_args, par
 CONFIG_FILES = sorted(CONFIGS.glob('*.yaml'))
 IN1K = {'smpconv_t': CONFIGS / 'smpconv_t_in1k.yaml', 'smpconv_b': CONFIGS / 'smpconv_b_in1k.yaml'}
 
-# SMPCONV_REFERENCE.md section 4: the authors' ImageNet-1k recipe, as train.py argument values
+# the authors' ImageNet-1k recipe (smp_imagenet/README.md's commands, smp_imagenet/main.py's defaults), as train.py
+# argument values
 RECIPE = dict(
     opt='adamw', opt_eps=1e-8, lr=4e-3, weight_decay=0.05, sched='cosine', min_lr=1e-6, model_ema=True,
     model_ema_decay=0.9999, train_interpolation='random', color_jitter=0.4, reprob=0.25, remode='pixel',
