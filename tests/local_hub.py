@@ -331,25 +331,32 @@ class LocalHub:
         return h.reply(200, json.dumps({
             'commitUrl': f'{self.endpoint}/{repo.repo_id}/commit/{sha}', 'commitOid': sha, 'success': True}).encode())
 
-    def _model_info(self, h, repo_id: str, revision: str, auth: Optional[str]) -> None:
+    def _readable(self, h, repo_id: str, revision: str, auth: Optional[str]) -> Optional[Tuple[_Repo, str]]:
+        """(repo, commit) of a revision the request may read; else the Hub's error is sent and None returned."""
         repo = self.repos.get(repo_id)
         if repo is None or (repo.private and not self._authorized(auth)):
-            return h.error(404 if repo is None else 401, 'RepoNotFound', 'Repository not found')
+            h.error(404 if repo is None else 401, 'RepoNotFound', 'Repository not found')
+            return None
         commit = repo.resolve(revision)
         if commit is None:
-            return h.error(404, 'RevisionNotFound', 'Invalid rev id')
-        files = repo.commits[commit]['files']
+            h.error(404, 'RevisionNotFound', 'Invalid rev id')
+            return None
+        return repo, commit
+
+    def _model_info(self, h, repo_id: str, revision: str, auth: Optional[str]) -> None:
+        found = self._readable(h, repo_id, revision, auth)
+        if found is None:
+            return
+        repo, commit = found
         return h.reply(200, json.dumps(dict(
             id=repo_id, modelId=repo_id, sha=commit, private=repo.private, xetEnabled=False,
-            siblings=[dict(rfilename=p) for p in sorted(files)])).encode())
+            siblings=[dict(rfilename=p) for p in sorted(repo.commits[commit]['files'])])).encode())
 
     def _resolve(self, h, repo_id: str, revision: str, path: str, auth: Optional[str]) -> None:
-        repo = self.repos.get(repo_id)
-        if repo is None or (repo.private and not self._authorized(auth)):
-            return h.error(404 if repo is None else 401, 'RepoNotFound', 'Repository not found')
-        commit = repo.resolve(revision)
-        if commit is None:
-            return h.error(404, 'RevisionNotFound', 'Invalid rev id')
+        found = self._readable(h, repo_id, revision, auth)
+        if found is None:
+            return
+        repo, commit = found
         f = repo.commits[commit]['files'].get(path)
         if f is None:
             return h.error(404, 'EntryNotFound', 'Entry not found', {'X-Repo-Commit': commit})
