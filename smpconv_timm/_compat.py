@@ -31,7 +31,7 @@ except ImportError:  # torch 2.4
 __all__ = [
     'feature_take_indices', '_resolve_pretrained_source', '_get_safe_alternatives', 'generate_readme', 'hf_split',
     'load_model_config_from_path', 'timm_factory', 'is_fx_symbolic_tracing', 'torch_load', 'sha_fileobj', 'git_hash',
-    'is_offline_mode',
+    'is_offline_mode', 'http_no_redirects',
 ]
 
 
@@ -68,6 +68,13 @@ def git_hash(data: bytes) -> str:
     Stands in for ``huggingface_hub.utils.sha.git_hash`` (not in huggingface_hub 0.20).
     """
     return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+
+
+def http_no_redirects() -> dict:
+    """The keyword that keeps huggingface_hub's HTTP client from following redirects: requests (< 1.0) or httpx."""
+    from huggingface_hub.utils import get_session
+    return {'allow_redirects': False} if type(get_session()).__module__.startswith('requests') else \
+        {'follow_redirects': False}
 
 
 def is_offline_mode() -> bool:

@@ -140,14 +140,16 @@ def _no_server_answers(repo_id: str, revision: Optional[str], files: List[str], 
 
     None when a server answers (whatever it answers) or nothing needs downloading; else the cause.
     """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from ._compat import is_offline_mode
+    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import http_backoff
+    from ._compat import http_no_redirects, is_offline_mode
     if is_offline_mode() or any(
             isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache, revision=revision), str) for f in files):
         return None
     timeout = getattr(constants, 'HF_HUB_ETAG_TIMEOUT', None) or getattr(constants, 'DEFAULT_ETAG_TIMEOUT', 10)
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, files[0], revision=revision), timeout=timeout)
+    try:  # huggingface_hub's own HTTP client (its proxies, its offline switch), one request, no retry
+        http_backoff('HEAD', hf_hub_url(repo_id, files[0], revision=revision), max_retries=0, retry_on_exceptions=(),
+                     retry_on_status_codes=(), timeout=timeout, **http_no_redirects())
     except Exception as e:  # noqa: BLE001  (an answer, or an error that is not ours to judge here: the load decides)
         return _network_failure(_exception_chain(e))
     return None
