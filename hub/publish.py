@@ -35,6 +35,7 @@ import torch
 
 from smpconv_timm import MODEL_NAMES, VARIANTS, __version__
 from smpconv_timm.checkpoint import is_ema_key, load_checkpoint_file, recognise_variant, weights_key
+from smpconv_timm.cli import run_command
 from smpconv_timm.download import WEIGHTS_FILE, sha256_file
 from smpconv_timm.variants import HF_HUB_NAMESPACE, PRETRAINED_TAG
 
@@ -146,7 +147,10 @@ def build_hub_folder(
         info = ImageNetInfo()
         save_for_hf(
             reference, tmp, safe_serialization=True,
-            model_config=dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True)))
+            model_config=dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True)),
+            # newer timm records these itself; older releases write only the model_args they are given
+            model_args=dict(in_chans=reference.in_chans, num_classes=reference.num_classes,
+                            global_pool=reference.head.global_pool.pool_type))
         card = model_card(reference, complexity, source=checkpoint.name, source_sha256=sha256_file(checkpoint),
                           weights=weights)
         (tmp / 'README.md').write_text(generate_readme(card, name), encoding='utf-8')
@@ -241,8 +245,8 @@ def model_card(
         'EMA': 'the EMA weights (the ones the paper evaluates)',
         'raw': 'the raw (non-EMA) weights',
     }.get(weights, 'the weights')
-    usage = f"""The model code is not part of timm: install the `smpconv-timm` package; `import smpconv_timm` registers
-the models with timm.
+    usage = f"""The model code is not part of timm: `pip install smpconv-timm`, and every program that imports timm finds
+the models (no `import smpconv_timm` needed).
 
 ### Image Classification
 ```python
@@ -250,7 +254,6 @@ from urllib.request import urlopen
 from PIL import Image
 import timm
 import torch
-import smpconv_timm  # registers the SMPConv models with timm
 
 img = Image.open(urlopen(
     'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
@@ -273,7 +276,6 @@ top5_probabilities, top5_class_indices = torch.topk(output.softmax(dim=1) * 100,
 from urllib.request import urlopen
 from PIL import Image
 import timm
-import smpconv_timm  # registers the SMPConv models with timm
 
 img = Image.open(urlopen(
     'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
@@ -298,7 +300,6 @@ for o in output:
 from urllib.request import urlopen
 from PIL import Image
 import timm
-import smpconv_timm  # registers the SMPConv models with timm
 
 img = Image.open(urlopen(
     'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
@@ -514,12 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f'publish.py {args.command}: error: {e}', file=sys.stderr)
-        return 2
+    return run_command(build_parser().parse_args(argv), 'publish.py')
 
 
 if __name__ == '__main__':

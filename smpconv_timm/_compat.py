@@ -1,6 +1,6 @@
 """Every private timm / torch name this package relies on, and stand-ins for helpers older releases lack.
 
-Checked against the declared minimums (pyproject.toml: timm 1.0.26, torch 2.4, huggingface_hub 0.23) and the
+Checked against the declared minimums (pyproject.toml: timm 1.0.26, torch 2.4, huggingface_hub 0.20) and the
 newest tested releases (timm 1.0.31, torch 2.14, huggingface_hub 2.4); ``.ci/floors.sh`` tests the minimums.
 Everything else is imported from the public API (``timm.models``, ``timm.utils``, ``huggingface_hub``).
 """
@@ -18,6 +18,9 @@ from timm.models._builder import _resolve_pretrained_source
 # timm.models._hub: the model card writer and config reader behind push_to_hf_hub / hf-hub: models, the
 # 'repo@revision' split and the .bin -> .safetensors alternatives timm's Hub loader tries (timm 1.0.20 - 1.0.31)
 from timm.models._hub import _get_safe_alternatives, generate_readme, hf_split, load_model_config_from_path
+# timm.models._factory: create_model('hf-hub:...') fetches the repo's config.json through this module's
+# load_model_config_from_hf, before any model code runs; download.guard_hf_hub_configs wraps it (timm 1.0.21 - 1.0.31)
+from timm.models import _factory as timm_factory
 
 try:
     # torch.fx: no public "is symbolic tracing" query; named is_fx_symbolic_tracing since torch 2.5
@@ -27,8 +30,8 @@ except ImportError:  # torch 2.4
 
 __all__ = [
     'feature_take_indices', '_resolve_pretrained_source', '_get_safe_alternatives', 'generate_readme', 'hf_split',
-    'load_model_config_from_path', 'is_fx_symbolic_tracing', 'torch_load', 'sha_fileobj', 'git_hash',
-    'is_offline_mode',
+    'load_model_config_from_path', 'timm_factory', 'is_fx_symbolic_tracing', 'torch_load', 'sha_fileobj', 'git_hash',
+    'is_offline_mode', 'http_no_redirects',
 ]
 
 
@@ -62,13 +65,20 @@ def sha_fileobj(fileobj: BinaryIO, chunk_size: int = 1 << 20) -> bytes:
 def git_hash(data: bytes) -> str:
     """Git blob SHA-1 (hex) of ``data``, the Hub's ETag of a non-LFS file.
 
-    Stands in for ``huggingface_hub.utils.sha.git_hash`` (not in huggingface_hub 0.23).
+    Stands in for ``huggingface_hub.utils.sha.git_hash`` (not in huggingface_hub 0.20).
     """
     return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
 
 
+def http_no_redirects() -> dict:
+    """The keyword that keeps huggingface_hub's HTTP client from following redirects: requests (< 1.0) or httpx."""
+    from huggingface_hub.utils import get_session
+    return {'allow_redirects': False} if type(get_session()).__module__.startswith('requests') else \
+        {'follow_redirects': False}
+
+
 def is_offline_mode() -> bool:
-    """huggingface_hub's offline switch (``HF_HUB_OFFLINE``): a function since 1.x, a constant in 0.23."""
+    """huggingface_hub's offline switch (``HF_HUB_OFFLINE``): a function since 1.x, a constant before."""
     from huggingface_hub import constants
     if hasattr(constants, 'is_offline_mode'):
         return bool(constants.is_offline_mode())

@@ -83,10 +83,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(['flops'] + list(argv if argv is not None else sys.argv[1:]))
+    return run_command(args, 'smpconv-timm')
+
+
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Run a parsed subcommand (``args.func``); a ValueError, FileNotFoundError or RuntimeError becomes one
+    ``<prog> <command>: error: ...`` line on stderr and exit status 2."""
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f'smpconv-timm {args.command}: error: {e}', file=sys.stderr)
+        print(f'{prog} {args.command}: error: {e}', file=sys.stderr)
         return 2
 
 

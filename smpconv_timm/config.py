@@ -23,6 +23,9 @@ eval cache budget           ``SMPCONV_EVAL_CACHE_MB=<MB>``            256: the w
                                                                       all models of the process together
 Hub namespace of the        ``SMPCONV_HF_NAMESPACE=<namespace>``      ``smpconv-timm``; read at import only (the
 pretrained weights                                                    default cfgs are built then)
+registration when timm is   ``SMPCONV_AUTOLOAD=0`` turns it off       on: ``import timm`` imports smpconv_timm,
+imported                    (read by the installed hook, not here,    which registers the models
+                            when timm is imported)                    (``_autoload/``)
 =========================== ========================================= =========================================
 
 With the fast path and the recomputation off and ``set_dwconv_algorithms(forward='direct', input_grad='native',

@@ -24,10 +24,6 @@ class ModelComplexity:
     stage_flops: Dict[str, int]  # top-level module name -> flops, in forward order
     by_operator: Dict[str, int]
 
-    @property
-    def gmacs(self) -> float:
-        return self.flops / 1e9
-
 
 def resolve_model_name(name: str) -> str:
     """``name`` if it is a registered smpconv model (tag allowed), else ValueError listing those that exist."""

@@ -1,8 +1,9 @@
-"""Run one of timm's scripts with the smpconv models registered.
+"""Run one of timm's scripts with the smpconv models registered, where the autoload hook does not.
 
-timm's ``train.py`` imports plugins itself (``--device-modules smpconv_timm``), but ``validate.py``,
-``benchmark.py`` and ``inference.py`` have no such option. This runner imports ``smpconv_timm`` and then
-runs the script as ``__main__`` with the remaining arguments:
+An installed smpconv-timm registers the models whenever timm is imported, so timm's ``train.py``,
+``validate.py`` and ``benchmark.py`` find them as they are. Where that hook does not run (``SMPCONV_AUTOLOAD=0``,
+``python -S``, or the package on ``PYTHONPATH`` without being installed), this runner imports ``smpconv_timm``
+and then runs the script as ``__main__`` with the remaining arguments:
 
     python -m smpconv_timm.run path/to/validate.py --model smpconv_t --pretrained --reparam ...
 """

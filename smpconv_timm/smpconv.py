@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, to_ntuple, trunc_normal_
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_ntuple, trunc_normal_
 from timm.models import (
     build_model_with_cfg, checkpoint_seq, generate_default_cfgs, named_apply, register_model, resolve_pretrained_cfg)
 from timm.utils import reparameterize_model
@@ -430,7 +431,7 @@ class SMPConvNet(nn.Module):
             ConvNormAct(dims[0], dims[0], 1, act_layer=nn.ReLU, **dd),
             ConvNormAct(dims[0], dims[0], 3, stride=2, groups=dims[0], act_layer=nn.ReLU, **dd),
         )
-        dpr = _drop_path_rates(drop_path_rate, depths)
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # linear over units, per stage
         stages = []
         self.feature_info = []
         prev_chs = dims[0]
@@ -605,17 +606,6 @@ def _check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x
 
 
-def _drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
-    """Stochastic-depth rate per unit, linear from 0 to ``drop_path_rate`` over all units, split per stage.
-
-    Plain Python, so that building on the meta device (no tensor data) works.
-    """
-    total = sum(depths)
-    rates = [drop_path_rate * i / (total - 1) if total > 1 else 0. for i in range(total)]
-    starts = [sum(depths[:s]) for s in range(len(depths))]
-    return [rates[start:start + d] for start, d in zip(starts, depths)]
-
-
 def _dd(module: nn.Module) -> dict:
     p = next(module.parameters())
     return {'device': p.device, 'dtype': p.dtype}
@@ -721,7 +711,7 @@ def _cfg(url: str = '', **kwargs):
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0.conv', 'classifier': 'head.fc',
         'license': 'mit', 'paper_ids': 'arXiv:2304.02330',
         'paper_name': 'SMPConv: Self-moving Point Representations for Continuous Convolution',

@@ -8,12 +8,13 @@ does nothing and the run trains with another recipe. Two ways to catch that:
   running anything. ``interface`` is the ``ArgumentParser`` itself, a path to a ``train.py`` (its module
   level builds the parser; ``main()`` is not run) or a JSON description ``{"args": {dest: {"flags",
   "default", "nargs", "type"}}}``.
-- When ``smpconv_timm`` is imported as a device module by timm's train.py (``device_modules:
-  [smpconv_timm]``), ``check_running_train_script()`` runs at import: train.py has parsed its arguments
-  but not yet built the model or read any data. It raises ``TrainConfigError`` naming every config key
-  that is no train.py argument, every config value of the wrong type (where the command line does not
-  override it) and a ``model`` that timm does not know. Anywhere else (no train.py ``__main__``) it does
-  nothing.
+- When this module is imported as a device module by timm's train.py (``device_modules:
+  [smpconv_timm.train_check]``), ``check_running_train_script()`` runs at import: train.py has parsed its
+  arguments but not yet built the model or read any data. It raises ``TrainConfigError`` naming every
+  config key that is no train.py argument, every config value of the wrong type (where the command line
+  does not override it) and a ``model`` that timm does not know. Anywhere else (no train.py ``__main__``)
+  it does nothing. ``import smpconv_timm`` does not import this module: the installed package registers the
+  models as soon as train.py imports timm, long before train.py parses its arguments.
 
 Both also refuse a RandAugment policy (``aa``) that can ask Pillow to posterize to 0 bits where the
 installed Pillow (>= 13) raises for it: the run would die in a data-loader worker minutes in.

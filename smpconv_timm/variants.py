@@ -1,17 +1,26 @@
 """The SMPConv variants: one table that registration, default cfgs, the model card, the CLI and the tests read.
 
-Architectures and release regularisation from the authors' code (``SMPCONV_REFERENCE.md`` section 2); top-1 as
-reported in the paper (Kim & Park, CVPR 2023, arXiv:2304.02330), cited, not re-measured here.
+Architectures and release regularisation from the authors' code (``smp_imagenet/models/SMPConv.py`` and the
+training commands of ``smp_imagenet/README.md`` in github.com/sangnekim/SMPConv); top-1 as reported in the paper
+(Kim & Park, CVPR 2023, arXiv:2304.02330), cited, not re-measured here.
 """
 import dataclasses
 from typing import Any, Dict, Tuple
 
-__all__ = ['Variant', 'VARIANTS', 'MODEL_NAMES', 'PRETRAINED_TAG', 'HF_HUB_NAMESPACE']
+__all__ = ['Variant', 'VARIANTS', 'MODEL_NAMES', 'PRETRAINED_TAG', 'HF_HUB_NAMESPACE', 'PUBLISHED_NAMESPACE',
+           'HUB_REPOS_PUBLISHED', 'AUTHORS_RELEASE_URL']
 
 from .config import HF_HUB_NAMESPACE  # forks and mirrors: SMPCONV_HF_NAMESPACE, read when smpconv_timm is imported
 
 #: the tag of the pretrained weights: the authors' ImageNet-1k checkpoints
 PRETRAINED_TAG = 'in1k'
+
+#: The Hub namespace of this project's weight repos (``HF_HUB_NAMESPACE`` unless ``SMPCONV_HF_NAMESPACE`` is set),
+#: whether they are up yet, and where the authors' release files are (Google Drive links, their ImageNet README):
+#: until the repos are up, download errors for them say so, once.
+PUBLISHED_NAMESPACE = 'smpconv-timm'
+HUB_REPOS_PUBLISHED = False
+AUTHORS_RELEASE_URL = 'https://github.com/sangnekim/SMPConv/tree/main/smp_imagenet'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,15 +3,18 @@ authors' golden T weights converted and published to it by ``hub/publish.py``'s 
 pointed at it. Nothing else is reached.
 
 huggingface_hub reads its settings at import: in this process they are patched on ``huggingface_hub.constants``
-(``point_hf_at``); tests that need the real environment variables run fresh processes.
+and its modules' copies (``point_hf_at``, ``set_offline``); tests that need the real environment variables run
+fresh processes.
 """
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hf_constants
+from huggingface_hub import utils as hf_utils
 
 import smpconv_timm
 from publish import build_hub_folder, main as publish_main
@@ -19,28 +22,48 @@ from publish import build_hub_folder, main as publish_main
 from golden_fixtures import golden_tolerance
 from local_hub import LocalHub
 
-__all__ = ['TOKEN', 'T_REPO', 'point_hf_at', 'repo_cache', 'logits', 'assert_golden_t', 'free_port', 'local_hub',
-           'published', 'folder_b', 'fresh_cache']
+__all__ = ['TOKEN', 'T_REPO', 'point_hf_at', 'set_offline', 'repo_cache', 'logits', 'assert_golden_t', 'free_port',
+           'local_hub', 'published', 'folder_b', 'fresh_cache']
 
 TOKEN = 'hf_local_test_write_token'
 T_REPO = f'{smpconv_timm.HF_HUB_NAMESPACE}/smpconv_t.in1k'  # the repo timm.create_model('smpconv_t', pretrained=True) reads
 
 
 def point_hf_at(mp, endpoint, cache, offline=False, token=None):
-    """What HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_TOKEN set at import, for this process."""
+    """What HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE / HF_TOKEN set at import, for this process.
+
+    huggingface_hub < 0.25 copies its constants into its modules at import (``from .constants import ENDPOINT``):
+    every loaded huggingface_hub module that holds one is patched.
+    """
     cache = Path(cache)
-    mp.setattr(hf_constants, 'ENDPOINT', endpoint)
-    mp.setattr(hf_constants, 'HUGGINGFACE_CO_URL_TEMPLATE', endpoint + '/{repo_id}/resolve/{revision}/{filename}')
-    mp.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
-    mp.setattr(hf_constants, 'HF_HUB_OFFLINE', offline)
+    _patch_hf(mp, ENDPOINT=endpoint, HUGGINGFACE_CO_URL_TEMPLATE=endpoint + '/{repo_id}/resolve/{revision}/{filename}',
+              HF_HUB_CACHE=str(cache), HUGGINGFACE_HUB_CACHE=str(cache),
+              # not the user's token files
+              **{name: str(cache.parent / f'.hf-{name.lower()}')
+                 for name in ('HF_TOKEN_PATH', 'HF_STORED_TOKENS_PATH', 'AGENT_HARNESSES_PATH')})
+    set_offline(mp, offline)
     # uploads through the LFS protocol (as without hf_xet); raising=False: names newer huggingface_hub versions add
     mp.setattr(hf_constants, 'HF_HUB_DISABLE_XET', True, raising=False)
-    for name in ('HF_TOKEN_PATH', 'HF_STORED_TOKENS_PATH', 'AGENT_HARNESSES_PATH'):
-        mp.setattr(hf_constants, name, str(cache.parent / f'.hf-{name.lower()}'), raising=False)  # not the user's
     for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
         mp.delenv(var, raising=False)
     if token:
         mp.setenv('HF_TOKEN', token)
+
+
+def set_offline(mp, offline):
+    """What HF_HUB_OFFLINE set at import, for this process."""
+    _patch_hf(mp, HF_HUB_OFFLINE=offline)
+    if hasattr(hf_utils, 'reset_sessions'):  # < 1.0: a session mounts its offline adapter when it is created
+        hf_utils.reset_sessions()
+
+
+def _patch_hf(mp, **values):
+    modules = [m for n, m in list(sys.modules.items()) if m is not None and n.split('.')[0] == 'huggingface_hub']
+    for name, value in values.items():
+        mp.setattr(hf_constants, name, value, raising=False)
+        for module in modules:
+            if module is not hf_constants and name in vars(module):
+                mp.setattr(module, name, value)
 
 
 def repo_cache(cache, repo_id):

@@ -1,13 +1,16 @@
 """A Hugging Face Hub on 127.0.0.1, for tests: the part of the Hub HTTP protocol huggingface_hub speaks.
 
-Two real HTTP servers (standard library only): the Hub itself, and a "CDN" on another port that serves and
-stores LFS blobs, as the real Hub redirects large files to a storage host.
+Two real HTTP servers (standard library only): the Hub itself, and a "CDN" on another port, addressed as
+``localhost`` (the Hub as ``127.0.0.1``), that serves and stores LFS blobs, as the real Hub redirects large files
+to a storage host.
 
 Downloads (``hf_hub_download``)
     ``HEAD/GET /{repo}/resolve/{revision}/{path}``: regular files answer 200 with ``ETag`` (git blob sha1),
     ``X-Repo-Commit`` and ``Content-Length``; LFS files answer 302 to the CDN with ``X-Linked-Etag`` (the
     sha256), ``X-Linked-Size`` and ``X-Repo-Commit``. Errors carry ``X-Error-Code`` (``RepoNotFound``,
     ``RevisionNotFound``, ``EntryNotFound``) the way the Hub sends them.
+Repo info (``HfApi.model_info``, which some clients ask before an upload)
+    ``GET /api/models/{repo}[/revision/{revision}]``: id, commit sha, privacy, ``xetEnabled: false``, file names.
 Uploads (``HfApi.create_repo`` / ``create_branch`` / ``upload_folder``)
     ``POST /api/repos/create``, ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/validate-yaml``,
     ``POST /api/models/{repo}/preupload/{revision}``, ``POST /{repo}.git/info/lfs/objects/batch`` (basic
@@ -17,6 +20,8 @@ Uploads (``HfApi.create_repo`` / ``create_branch`` / ``upload_folder``)
 
 Faults for tests: ``cdn_fault = ('truncate', n_bytes)`` serves LFS blobs cut to ``n_bytes`` (the HEAD still
 announces the full size), ``('corrupt', offset)`` flips one byte at ``offset`` (same size, wrong content).
+``hub_status = code`` answers every request to the Hub with that HTTP status and none of the Hub's headers, as a
+server that is no Hub (or a Hub that is down) does.
 ``requests`` records (server, method, path, authorization header) of every request.
 
 Not covered: Xet storage (tests set ``HF_HUB_DISABLE_XET``: the client then uses the LFS protocol, as any
@@ -73,6 +78,7 @@ class LocalHub:
         self.lfs: Dict[str, bytes] = {}
         self.requests: List[Tuple[str, str, str, Optional[str]]] = []
         self.cdn_fault: Optional[Tuple[str, int]] = None
+        self.hub_status: Optional[int] = None
         self._pending: Dict[str, int] = {}  # LFS uploads announced by a batch call: oid -> size
         self.lock = threading.Lock()
         self._hub = ThreadingHTTPServer(('127.0.0.1', 0), self._handler('hub'))
@@ -85,7 +91,9 @@ class LocalHub:
 
     @property
     def cdn(self) -> str:
-        return f'http://127.0.0.1:{self._cdn.server_address[1]}'
+        # another host name than the Hub's, as the real storage host has: clients follow redirects within the Hub
+        # and stop at the storage host, where the file's metadata is on the redirect itself
+        return f'http://localhost:{self._cdn.server_address[1]}'
 
     def __enter__(self) -> 'LocalHub':
         for server in (self._hub, self._cdn):
@@ -226,9 +234,14 @@ class LocalHub:
         return h.error(405, None, 'method not allowed')
 
     def _hub_route(self, h, method: str, path: str, body: bytes, auth: Optional[str]) -> None:
+        if self.hub_status is not None:
+            return h.reply(self.hub_status, b'', {'Content-Type': 'text/plain'})
         m = re.fullmatch(r'/([^/]+/[^/]+)/resolve/([^/]+)/(.+)', path)
         if m and method in ('GET', 'HEAD'):
             return self._resolve(h, unquote(m.group(1)), unquote(m.group(2)), unquote(m.group(3)), auth)
+        m = re.fullmatch(r'/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?', path)
+        if m and method == 'GET':
+            return self._model_info(h, unquote(m.group(1)), unquote(m.group(2) or 'main'), auth)
         if method != 'POST':
             return h.error(405, None, 'method not allowed')
         payload = body
@@ -318,13 +331,32 @@ class LocalHub:
         return h.reply(200, json.dumps({
             'commitUrl': f'{self.endpoint}/{repo.repo_id}/commit/{sha}', 'commitOid': sha, 'success': True}).encode())
 
-    def _resolve(self, h, repo_id: str, revision: str, path: str, auth: Optional[str]) -> None:
+    def _readable(self, h, repo_id: str, revision: str, auth: Optional[str]) -> Optional[Tuple[_Repo, str]]:
+        """(repo, commit) of a revision the request may read; else the Hub's error is sent and None returned."""
         repo = self.repos.get(repo_id)
         if repo is None or (repo.private and not self._authorized(auth)):
-            return h.error(404 if repo is None else 401, 'RepoNotFound', 'Repository not found')
+            h.error(404 if repo is None else 401, 'RepoNotFound', 'Repository not found')
+            return None
         commit = repo.resolve(revision)
         if commit is None:
-            return h.error(404, 'RevisionNotFound', 'Invalid rev id')
+            h.error(404, 'RevisionNotFound', 'Invalid rev id')
+            return None
+        return repo, commit
+
+    def _model_info(self, h, repo_id: str, revision: str, auth: Optional[str]) -> None:
+        found = self._readable(h, repo_id, revision, auth)
+        if found is None:
+            return
+        repo, commit = found
+        return h.reply(200, json.dumps(dict(
+            id=repo_id, modelId=repo_id, sha=commit, private=repo.private, xetEnabled=False,
+            siblings=[dict(rfilename=p) for p in sorted(repo.commits[commit]['files'])])).encode())
+
+    def _resolve(self, h, repo_id: str, revision: str, path: str, auth: Optional[str]) -> None:
+        found = self._readable(h, repo_id, revision, auth)
+        if found is None:
+            return
+        repo, commit = found
         f = repo.commits[commit]['files'].get(path)
         if f is None:
             return h.error(404, 'EntryNotFound', 'Entry not found', {'X-Repo-Commit': commit})

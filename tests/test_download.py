@@ -7,23 +7,28 @@ download failures and damaged files give errors that name what was tried (``smpc
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
+from timm.models import load_state_dict_from_hf
 
 import smpconv_timm
 from smpconv_timm.download import PretrainedWeightsError
+from smpconv_timm.variants import AUTHORS_RELEASE_URL, PUBLISHED_NAMESPACE
 from publish import HUB_FILES, publish_folder  # hub/publish.py: puts the weights on the local Hub
 
 from hub_fixtures import *  # noqa: F401,F403  (fixtures and helpers of the local Hub)
+from local_hub import LocalHub
+from test_autoload import AUTOLOAD
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
@@ -39,7 +44,7 @@ def test_full_chain_download_then_offline(published, local_hub, fresh_cache, mon
     assert local_hub.count('cdn') - cdn_before == 1  # downloaded once, then read from the cache
     assert (repo_cache(fresh_cache, T_REPO) / 'blobs' / oid).is_file()
 
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    set_offline(monkeypatch, True)
     before = len(local_hub.requests)
     for name in ('smpconv_t', 'smpconv_t.in1k', f'hf-hub:{T_REPO}'):
         assert_golden_t(logits(timm.create_model(name, pretrained=True), golden_input), golden)
@@ -48,19 +53,20 @@ def test_full_chain_download_then_offline(published, local_hub, fresh_cache, mon
 
 def test_environment_variables_and_namespace_override(published, local_hub, golden, make_weights, tmp_path,
                                                       monkeypatch):
-    """A fork's namespace, HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE: fresh processes, as a user runs them."""
+    """A fork's namespace, HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE: fresh processes, as a user runs them, with the
+    installed package's autoload hook and no ``import smpconv_timm``."""
     point_hf_at(monkeypatch, local_hub.endpoint, tmp_path / 'publish-cache', token=TOKEN)
     publish_folder(published, 'myfork/smpconv_t.in1k', log=lambda s: None)
-    script = textwrap.dedent('''
-        import importlib.util, sys
+    script = textwrap.dedent(f'''
+        import importlib.util, site, sys
+        site.addsitedir({str(AUTOLOAD)!r})  # as site-packages is read at start
         import numpy as np, timm, torch
-        import smpconv_timm
         spec = importlib.util.spec_from_file_location('golden_weights', sys.argv[1])
         make_weights = importlib.util.module_from_spec(spec); spec.loader.exec_module(make_weights)
         x = torch.from_numpy(make_weights.make_input(2, 224))
         for i, name in enumerate(sys.argv[3:]):
             with torch.no_grad():
-                np.save(f'{sys.argv[2]}/{i}.npy', timm.create_model(name, pretrained=True).eval()(x).double().numpy())
+                np.save(f'{{sys.argv[2]}}/{{i}}.npy', timm.create_model(name, pretrained=True).eval()(x).double().numpy())
     ''')
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING'))}
     env.update(HF_ENDPOINT=local_hub.endpoint, HF_HOME=str(tmp_path / 'hf-home'), SMPCONV_HF_NAMESPACE='myfork',
@@ -72,7 +78,7 @@ def test_environment_variables_and_namespace_override(published, local_hub, gold
                        env=dict(env, **extra), check=True, timeout=300)
         return [np.load(out / f'{i}.npy') for i in range(len(names))]
 
-    for out in run(tmp_path / 'online', ['smpconv_t', 'hf-hub:myfork/smpconv_t.in1k']):
+    for out in run(tmp_path / 'online', ['smpconv_t', 'hf-hub:myfork/smpconv_t.in1k', f'local-dir:{published}']):
         assert_golden_t(out, golden)
     fetched = {r[2] for r in local_hub.requests if r[0] == 'hub' and '/resolve/' in r[2]}
     assert '/myfork/smpconv_t.in1k/resolve/main/model.safetensors' in fetched
@@ -91,7 +97,7 @@ def _assert_says_what_was_tried(err, repo_id, endpoint):
     assert "pretrained_cfg_overlay=dict(file=" in text
 
 
-@pytest.mark.parametrize('case', ['missing repo', 'missing file', 'unreachable', 'offline, not cached'])
+@pytest.mark.parametrize('case', ['missing repo', 'missing file', 'nothing listens', 'offline, not cached'])
 def test_download_errors_name_repo_file_and_the_local_route(case, published, local_hub, tmp_path, monkeypatch):
     endpoint, kwargs, repo_id = local_hub.endpoint, {}, T_REPO
     if case == 'missing repo':
@@ -101,11 +107,9 @@ def test_download_errors_name_repo_file_and_the_local_route(case, published, loc
         repo_id = 'empty/smpconv_t.in1k'
         local_hub.add_repo(repo_id, {'config.json': b'{}'})
         reason = 'the repository holds none of these files'
-    elif case == 'unreachable':
-        endpoint = f'http://127.0.0.1:{free_port()}'  # nothing listens there
-        reason = 'the endpoint could not be reached .*Connect'
-        sleeps = []
-        monkeypatch.setattr('time.sleep', sleeps.append)  # huggingface_hub's retry back-off, recorded not slept
+    elif case == 'nothing listens':
+        endpoint = f'http://127.0.0.1:{free_port()}'
+        reason = 'no Hub server answered .*Connection refused'
     else:
         reason = r'offline mode is on \(HF_HUB_OFFLINE=1\) and the file is not in the local cache'
     point_hf_at(monkeypatch, endpoint, tmp_path / 'c', offline=case.startswith('offline'))
@@ -114,13 +118,77 @@ def test_download_errors_name_repo_file_and_the_local_route(case, published, loc
     with pytest.raises(PretrainedWeightsError, match=f'(?s)smpconv_t: {reason}') as e:
         timm.create_model('smpconv_t', pretrained=True, **kwargs)
     _assert_says_what_was_tried(e.value, repo_id, endpoint)
-    if case == 'unreachable':
-        assert sleeps  # it did retry before giving up
     # ... and the suggested route works: the published file, read locally
     local = timm.create_model('smpconv_t', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(published / 'model.safetensors')))
     weights = load_file(str(published / 'model.safetensors'))
     assert all(torch.equal(v, weights[k]) for k, v in local.state_dict().items())
+
+
+@pytest.fixture
+def no_dns(monkeypatch):
+    """Host names ending in .invalid do not resolve, as without a network (no resolver is asked)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, (str, bytes)) and (host.decode() if isinstance(host, bytes) else host).endswith('.invalid'):
+            raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, 'getaddrinfo', getaddrinfo)
+
+
+@pytest.mark.parametrize('route', ['smpconv_t', f'hf-hub:{T_REPO}'])
+@pytest.mark.parametrize('network', ['connection refused', 'name does not resolve'])
+def test_nothing_listening_fails_fast_and_says_so(route, network, tmp_path, monkeypatch, no_dns):
+    """No retries where no server answers: one try, one error naming the cause (huggingface_hub alone retries
+    for about 25 s per file, and timm tries two weight files)."""
+    if network == 'connection refused':
+        endpoint, cause = f'http://127.0.0.1:{free_port()}', 'Connection refused'
+    else:
+        endpoint, cause = 'http://hub.smpconv-test.invalid', 'Name or service not known'
+    point_hf_at(monkeypatch, endpoint, tmp_path / 'c')
+    start = time.monotonic()
+    with pytest.raises(PretrainedWeightsError) as e:
+        timm.create_model(route, pretrained=True)
+    assert time.monotonic() - start < 20
+    text = str(e.value)
+    assert f'no Hub server answered at {endpoint}' in text and cause in text, text
+    assert "file 'config.json'" in text if route.startswith('hf-hub:') else "'model.safetensors' then" in text
+
+
+@pytest.mark.parametrize('status', [404, 503])
+def test_a_server_that_answers_is_named_and_keeps_its_retries(status, local_hub, fresh_cache, tmp_path, monkeypatch):
+    """A server that is no Hub (404) or a Hub that is down (503): the error gives its answer, and the download
+    makes exactly the requests and back-off sleeps timm and huggingface_hub make on their own, plus one."""
+    sleeps = []
+    monkeypatch.setattr('time.sleep', sleeps.append)  # huggingface_hub's back-off, recorded not slept
+
+    def downloads():
+        return sum(1 for r in local_hub.requests if r[0] == 'hub' and '/resolve/' in r[2])
+    local_hub.hub_status = status
+    try:
+        before = downloads()
+        with pytest.raises(Exception):
+            load_state_dict_from_hf(T_REPO, cache_dir=tmp_path / 'plain')  # timm's builder's call for smpconv_t.in1k
+        plain = (downloads() - before, len(sleeps))
+        before, sleeps[:] = downloads(), []
+        with pytest.raises(PretrainedWeightsError, match=f'the server at {local_hub.endpoint} answered HTTP {status}') as e:
+            timm.create_model('smpconv_t', pretrained=True)
+        guarded = (downloads() - before, len(sleeps))
+    finally:
+        local_hub.hub_status = None
+    assert 'no Hub server answered' not in str(e.value) and 'could not be reached' not in str(e.value)
+    assert guarded == (plain[0] + 1, plain[1])  # + the one request that checks that a server answers
+
+
+def test_unpublished_repos_are_said_once_with_where_the_authors_files_are(tmp_path, monkeypatch):
+    with LocalHub() as empty:  # a Hub without the smpconv-timm repos
+        point_hf_at(monkeypatch, empty.endpoint, tmp_path / 'c')
+        for repo_id, note in ((f'{PUBLISHED_NAMESPACE}/smpconv_t.in1k', True), ('someone/smpconv_t.in1k', False)):
+            with pytest.raises(PretrainedWeightsError) as e:
+                timm.create_model('smpconv_t', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=repo_id))
+            text = str(e.value)
+            assert text.count('not been published') == int(note) and (AUTHORS_RELEASE_URL in text) == note, text
 
 
 @pytest.fixture
@@ -142,11 +210,11 @@ def test_damaged_download_is_refused_and_not_cached(fault, published, local_hub,
     cached = repo_cache(fresh_cache, T_REPO)
     assert not list((cached / 'blobs').glob('*')) and not list((cached / 'snapshots').rglob('model.safetensors'))
 
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)  # nothing usable was cached
+    set_offline(monkeypatch, True)  # nothing usable was cached
     with pytest.raises(PretrainedWeightsError, match='offline mode is on'):
         timm.create_model('smpconv_t', pretrained=True)
 
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    set_offline(monkeypatch, False)
     cdn_fault(None)
     model = timm.create_model('smpconv_t', pretrained=True)
     weights = load_file(str(published / 'model.safetensors'))
@@ -160,7 +228,7 @@ def test_damaged_cache_is_refused_offline(published, local_hub, fresh_cache, mon
     data[-100] ^= 0x01  # one bit flipped on disk
     os.chmod(blob, 0o644)
     blob.write_bytes(bytes(data))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    set_offline(monkeypatch, True)
     with pytest.raises(PretrainedWeightsError, match='damaged'):
         timm.create_model('smpconv_t', pretrained=True)
     assert not blob.exists()

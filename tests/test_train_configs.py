@@ -2,7 +2,8 @@
 
 train.py's interface (every argument with its flags, default, nargs, type) is read from
 ``tests/data/timm_train_args.json``; ``train_replica`` rebuilds train.py's parsers from it. The
-expected recipe values are those of ``SMPCONV_REFERENCE.md`` section 4 (the authors' ImageNet-1k recipe).
+expected recipe values are the authors' ImageNet-1k recipe: the launch commands of ``smp_imagenet/README.md`` and
+the defaults of ``smp_imagenet/main.py`` in their repository (github.com/sangnekim/SMPConv).
 """
 import copy
 import math
@@ -31,7 +32,8 @@ from train_replica import CONFIGS, build_parsers, header_command, load_args, par
 CONFIG_FILES = sorted(CONFIGS.glob('*.yaml'))
 IN1K = {'smpconv_t': CONFIGS / 'smpconv_t_in1k.yaml', 'smpconv_b': CONFIGS / 'smpconv_b_in1k.yaml'}
 
-# SMPCONV_REFERENCE.md section 4: the authors' ImageNet-1k recipe, as train.py argument values
+# the authors' ImageNet-1k recipe (smp_imagenet/README.md's commands, smp_imagenet/main.py's defaults), as train.py
+# argument values
 RECIPE = dict(
     opt='adamw', opt_eps=1e-8, lr=4e-3, weight_decay=0.05, sched='cosine', min_lr=1e-6, model_ema=True,
     model_ema_decay=0.9999, train_interpolation='random', color_jitter=0.4, reprob=0.25, remode='pixel',
@@ -83,7 +85,7 @@ def test_config_keys_are_train_py_arguments_with_valid_values(interface, config)
             assert all(_typed(v, s['type']) for v in value), key
         else:  # our files write real numbers (`4.0e-3`, not PyYAML's string `4e-3`)
             assert value is not None and _typed(value, s['type']), (key, value)
-    assert cfg['device_modules'] == ['smpconv_timm']
+    assert cfg['device_modules'] == ['smpconv_timm.train_check']
     assert config_problems(cfg, interface) == []
     assert validate_train_config(config, interface) == cfg
 
@@ -155,7 +157,7 @@ def test_in1k_config_is_the_authors_recipe(interface, model):
     batch, accum, drop_path = PER_GPU[model]
     assert (nproc, args.batch_size, args.grad_accum_steps) == (4, batch, accum)  # as the authors ran it
     assert nproc * args.batch_size * args.grad_accum_steps == 2048
-    assert args.drop_path == drop_path and args.model == model and args.device_modules == ['smpconv_timm']
+    assert args.drop_path == drop_path and args.model == model and args.device_modules == ['smpconv_timm.train_check']
     assert args.opt_betas == [0.9, 0.999]  # the AdamW defaults the release leaves in place
     data_config = resolve_data_config(vars(args), pretrained_cfg=timm.get_pretrained_cfg(model).to_dict())
     assert data_config['input_size'] == (3, 224, 224)
@@ -376,8 +378,11 @@ def test_check_inside_train_py(interface, monkeypatch):
 
 
 FAKE_TRAIN_PY = '''
-import importlib, sys
+import importlib, site, sys
+site.addsitedir({autoload!r})  # the package as installed: the models are registered when timm is imported
 sys.path.insert(0, {tests!r})
+import timm  # train.py imports timm (and so smpconv_timm) long before it parses its arguments
+assert timm.is_model('smpconv_t')
 import yaml
 from train_replica import build_parsers
 
@@ -407,11 +412,13 @@ if __name__ == '__main__':
 
 
 def test_bad_config_stops_train_py_before_any_data_is_read(interface, tmp_path):
-    """A train.py stand-in (train.py's parsing from the recorded interface, then its device-module import)."""
+    """A train.py stand-in: timm imported first, with the package's autoload hook (the models registered then),
+    train.py's parsing from the recorded interface, then its device-module import."""
     marker = tmp_path / 'data_read'
     script = tmp_path / 'train.py'
-    script.write_text(FAKE_TRAIN_PY.format(tests=str(Path(__file__).parent), interface=str(interface),
-                                           marker=str(marker)))
+    root = Path(__file__).parents[1]
+    script.write_text(FAKE_TRAIN_PY.format(autoload=str(root / 'smpconv_timm' / '_autoload'), tests=str(root / 'tests'),
+                                           interface=str(interface), marker=str(marker)))
     bad = tmp_path / 'bad.yaml'
     bad.write_text(IN1K['smpconv_t'].read_text() + 'warmup_epoch: 10\nmodel: smpconv_tt\n')
     run = subprocess.run([sys.executable, str(script), '-c', str(bad), '--data-dir', str(tmp_path)],

@@ -200,8 +200,8 @@ def test_conversion_compares_outputs_before_writing(release_checkpoint, tmp_path
     from timm.models import _hub as timm_hub
     save_config = timm_hub.save_config_for_hf
 
-    def wrong_pool(model, config_path, model_config=None, model_args=None, data_config=None):
-        save_config(model, config_path, model_config=model_config, model_args=model_args, data_config=data_config)
+    def wrong_pool(model, config_path, *args, **kwargs):
+        save_config(model, config_path, *args, **kwargs)
         config = json.loads(Path(config_path).read_text())
         config['model_args']['global_pool'] = 'max'
         Path(config_path).write_text(json.dumps(config))
