@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
 from .kernels import FusedConv, TransientCaches, act_name, bn_gelu_conv, cached_plan, drop_plan, dwconv, \
-    inference_path, packs_built, recompute_applies, release_after_packing
+    finite_input, inference_path, packs_built, recompute_applies, release_after_packing
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -371,7 +371,7 @@ class SmpClassifierHead(ClassifierHead):
         self.eval()
 
 
-class SMPConvNet(nn.Module):
+class SMPConvNet(TransientCaches, nn.Module):
     """SMPConv: RepLKNet-style network with self-moving-point large kernels.
 
     Args:
@@ -531,15 +531,16 @@ class SMPConvNet(nn.Module):
         last_idx = len(self.stages) - 1
 
         mark = packs_built()
-        x = self.stem(_channels_last_on_cpu(x))
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
+        with finite_input(self, x):
+            x = self.stem(_channels_last_on_cpu(x))
+            if torch.jit.is_scripting() or not stop_early:
+                stages = self.stages
+            else:
+                stages = self.stages[:max_index + 1]
+            for feat_idx, stage in enumerate(stages):
+                x = stage(x)
+                if feat_idx in take_indices:
+                    intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
         release_after_packing(mark)
 
         if intermediates_only:
@@ -568,8 +569,9 @@ class SMPConvNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
         mark = packs_built()  # eval at a new input size packs weights: return what it freed meanwhile to the OS
-        x = self.stem(_channels_last_on_cpu(x))
-        x = self.stages(x)
+        with finite_input(self, x):
+            x = self.stem(_channels_last_on_cpu(x))
+            x = self.stages(x)
         release_after_packing(mark)
         return x
 

@@ -83,3 +83,16 @@ def test_an_empty_batch_runs_forward_and_backward(recompute):
     model.train()
     with torch.autocast('cpu', torch.bfloat16):
         model(torch.randn(0, 3, 32, 32)).float().sum().backward()
+
+
+def test_non_finite_weights_reach_the_logits_as_in_pytorch():
+    """A NaN in the weights (a damaged checkpoint) is never hidden by a ReLU fused into the conv before it."""
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    with torch.no_grad():
+        model.stem[0].conv.weight[3, 0, 1, 1] = float('nan')  # the stem's first conv, ReLU after it
+    x = torch.randn(2, 3, 40, 40)
+    for deploy in (False, True):
+        m = reparameterize_model(model) if deploy else model
+        fast, plain = no_grad(m, x), no_grad(m, x, fast=False)
+        assert plain.isnan().all() and fast.isnan().all(), deploy

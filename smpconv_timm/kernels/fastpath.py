@@ -3,9 +3,11 @@
 In eval mode without autograd, each block of an SMPConv model runs its convolutions with every BatchNorm
 folded in (the deploy-form weights, in the train form too), the following GELU or the residual add fused
 into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the plain layout is
-re-blocked on every call otherwise). ReLU runs in place after the conv: oneDNN's fused ReLU turns NaN into
-0, PyTorch's keeps it. Results equal the plain modules' up to float rounding, NaN and inf included;
-``tests/test_fastpath.py`` holds them to it.
+re-blocked on every call otherwise). oneDNN's fused ReLU turns NaN into 0 where PyTorch's keeps it, so ReLU is
+fused only inside ``finite_input``, which the model enters where its parameters and buffers (once per state) and
+the batch of images (on every forward, far cheaper than the separate ReLU passes it saves) hold no NaN or inf;
+otherwise it runs in place after the conv. Results equal the plain modules' up to float rounding, NaN and inf included;
+``tests/test_fastpath.py`` and ``tests/test_edge_inputs.py`` hold them to it.
 
 Memory: prepacked weights are kept per input geometry (oneDNN's blocked layout can depend on it), each conv's
 most recent geometry always, older ones while they fit ``config.eval_cache_mb()`` (all models of the process
@@ -20,6 +22,9 @@ as plain ``conv2d`` + activation + add.
 modules, op for op what the authors' code runs. (The training recomputation has its own switch, in
 ``recompute.py``.)
 """
+import contextlib
+import itertools
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -33,7 +38,8 @@ from . import dwconv, toeplitz
 from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, fold_mode, is_tracing, release_free_memory
 
-__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'packs_built', 'release_after_packing']
+__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'packs_built', 'release_after_packing',
+           'finite_input']
 
 
 def _onednn_fusion_available() -> bool:
@@ -57,6 +63,23 @@ def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
     return x.device.type != 'meta'  # no data to fold on the meta device
 
 
+_STATE = threading.local()  # per thread: models shared by threads each see their own batch
+
+
+@contextlib.contextmanager
+def finite_input(module: nn.Module, x: torch.Tensor):
+    """Within, ``FusedConv`` fuses ReLU into the conv where the fast path applies to ``module`` (the model) and
+    neither ``x`` (its input) nor its parameters and buffers hold a NaN or inf; otherwise ReLU runs after each conv,
+    as PyTorch's does. The weights are checked once per parameter state, the input on every call."""
+    previous = getattr(_STATE, 'finite', False)
+    _STATE.finite = bool(inference_path(module, x) and x.is_floating_point() and _finite_weights(module)
+                         and torch.isfinite(x).all())
+    try:
+        yield
+    finally:
+        _STATE.finite = previous
+
+
 def _version_key(module: nn.Module) -> Optional[tuple]:
     """Version, storage and dtype of every parameter and buffer of ``module`` and its children; None where one
     is an inference tensor (made under ``torch.inference_mode``: no version counter). Checked on every eval call,
@@ -75,6 +98,16 @@ def _version_key(module: nn.Module) -> Optional[tuple]:
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
     return tuple(key)
+
+
+def _finite_weights(module: nn.Module) -> bool:
+    key = _version_key(module)
+    cache = module.__dict__.get('_finite_weights')
+    if cache is None or key is None or cache[0] != key:
+        tensors = [t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()]
+        cache = (key, all(bool(t.isfinite().all()) for t in tensors))
+        module.__dict__['_finite_weights'] = cache
+    return cache[1]
 
 
 def cached_plan(module: nn.Module, build):
@@ -245,7 +278,8 @@ class FusedConv:
             assert self.act == 'none', 'a fused residual add takes no activation'
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, residual, plan.weight, plan.bias, *geometry, 'add', None, None, [], None)
-        act = 'none' if self.act == 'relu' else self.act  # oneDNN's fused ReLU maps NaN to 0: ReLU after the conv
+        relu_after = self.act == 'relu' and not getattr(_STATE, 'finite', False)
+        act = 'none' if relu_after else self.act  # oneDNN's fused ReLU maps NaN to 0: then ReLU after the conv
         post_op = (act, [], 'none' if act == 'gelu' else '')
         if plan.tiles is not None:
             rows = toeplitz.input_rows(x, plan.tiles)
@@ -256,7 +290,7 @@ class FusedConv:
             out = out.to(x.dtype)
         else:
             out = torch.ops.mkldnn._convolution_pointwise(x, plan.weight, plan.bias, *geometry, *post_op)
-        return out.relu_() if self.act == 'relu' else out
+        return out.relu_() if relu_after else out
 
 
 class _Plan(NamedTuple):
