@@ -51,7 +51,11 @@ def test_timm_reparameterize_model_leaves_only_convs(release_checkpoint):
     assert deploy.is_deploy and not model.is_deploy
 
 
-@pytest.mark.parametrize('variant', ['t', 'b'])
+# smpconv_b in the slow step: the same code at other widths and depths
+T_AND_B = ['t', pytest.param('b', marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('variant', T_AND_B)
 @pytest.mark.parametrize('size', [224, 160, 288])
 def test_exact_in_float32(release_checkpoint, variant, size):
     model = golden_model(release_checkpoint, variant)
@@ -62,7 +66,7 @@ def test_exact_in_float32(release_checkpoint, variant, size):
     assert err < bound
 
 
-@pytest.mark.parametrize('variant', ['t', 'b'])
+@pytest.mark.parametrize('variant', T_AND_B)
 def test_exact_in_float64(release_checkpoint, variant):
     model = golden_model(release_checkpoint, variant).double()
     deploy = reparameterize_model(model)  # folded in float64
