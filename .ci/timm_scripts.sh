@@ -22,14 +22,14 @@ for split in ('train', 'val'):
             __import__('os').makedirs(__import__('os').path.dirname(path), exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
 PY
-small=(--model smpconv_t --num-classes 2 --img-size 64 --model-kwargs 'depths=(1,1,1,1)' 'dims=(16,16,16,16)'
+small=(--device cpu --model smpconv_t --num-classes 2 --img-size 64 --model-kwargs 'depths=(1,1,1,1)' 'dims=(16,16,16,16)'
        'kernel_sizes=(7,7,5,5)')
 
 echo "== timm benchmark.py (inference, then --reparam)"
 for extra in "" "--reparam"; do
-    "$python" "$timm_repo/benchmark.py" "${small[@]}" --bench inference -b 2 --num-warm-iter 1 --num-bench-iter 2 \
+    "$python" "$timm_repo/benchmark.py" "${small[@]}" --bench inference -b 2 --num-warm-iter 1 --num-bench-iter 5 \
         $extra > bench.log 2>&1 || { cat bench.log; exit 1; }
-    grep -q "smpconv_t" bench.log || { cat bench.log; exit 1; }
+    grep -q "\"infer_samples_per_sec\"" bench.log || { cat bench.log; exit 1; }
 done
 echo "== timm train.py (1 epoch, with the config check module)"
 "$python" "$timm_repo/train.py" --data-dir data "${small[@]}" -b 4 --epochs 1 --workers 0 --output out \
