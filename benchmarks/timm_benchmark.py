@@ -1,7 +1,8 @@
 """timm's own ``benchmark.py`` on smpconv_t / smpconv_b and the ConvNeXt of the same size, as a table of ratios.
 
 timm's ``benchmark.py`` lives in the timm repository, not the wheel. Point ``--benchmark-py`` at a copy; it runs
-unmodified, through ``python -m smpconv_timm.run`` (which registers the models), one process per measurement:
+unmodified and as it is (the installed package registers the models when timm is imported), one process per
+measurement:
 
     python benchmarks/timm_benchmark.py --benchmark-py path/to/pytorch-image-models/benchmark.py
 
@@ -36,7 +37,7 @@ def run_benchmark(benchmark_py: str, model: str, bench: str, batch: int, flags: 
     """One unmodified benchmark.py run in a fresh process; its JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'result.json')
-        cmd = [sys.executable, '-m', 'smpconv_timm.run', benchmark_py, '--model', model, '--bench', bench,
+        cmd = [sys.executable, benchmark_py, '--model', model, '--bench', bench,
                '-b', str(batch), '--device', device, '--num-warm-iter', str(warm), '--num-bench-iter', str(iters),
                '--no-retry', '--results-file', out, '--results-format', 'json', *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True)
