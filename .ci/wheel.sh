@@ -71,7 +71,7 @@ fi
 for spec in "transformers==4.57.6" "transformers"; do
     out="$("$venv/bin/pip" install --dry-run --ignore-installed -q --report - "$spec" "$wheel" 2>/dev/null |
            "$py" -c 'import json, sys
-r = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.load(sys.stdin)["install"]}
+r = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"] for i in json.load(sys.stdin)["install"]}
 print(" ".join(f"{n} {r[n]}" for n in ("transformers", "huggingface-hub", "timm", "smpconv-timm")))')"
     echo "resolves with $spec: $out"
 done
