@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
 from .kernels import FusedConv, TransientCaches, act_name, bn_gelu_conv, cached_plan, drop_plan, dwconv, \
-    finite_input, inference_path, packs_built, recompute_applies, release_after_packing
+    enter_finite_input, exit_finite_input, inference_path, packs_built, recompute_applies, release_after_packing
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -531,7 +531,8 @@ class SMPConvNet(TransientCaches, nn.Module):
         last_idx = len(self.stages) - 1
 
         mark = packs_built()
-        with finite_input(self, x):
+        finite = enter_finite_input(self, x)
+        try:
             x = self.stem(_channels_last_on_cpu(x))
             if torch.jit.is_scripting() or not stop_early:
                 stages = self.stages
@@ -541,6 +542,8 @@ class SMPConvNet(TransientCaches, nn.Module):
                 x = stage(x)
                 if feat_idx in take_indices:
                     intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
+        finally:
+            exit_finite_input(finite)
         release_after_packing(mark)
 
         if intermediates_only:
@@ -569,9 +572,12 @@ class SMPConvNet(TransientCaches, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
         mark = packs_built()  # eval at a new input size packs weights: return what it freed meanwhile to the OS
-        with finite_input(self, x):
+        finite = enter_finite_input(self, x)
+        try:
             x = self.stem(_channels_last_on_cpu(x))
             x = self.stages(x)
+        finally:
+            exit_finite_input(finite)
         release_after_packing(mark)
         return x
 

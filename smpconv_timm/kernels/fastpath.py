@@ -4,9 +4,10 @@ In eval mode without autograd, each block of an SMPConv model runs its convoluti
 folded in (the deploy-form weights, in the train form too), the following GELU or the residual add fused
 into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the plain layout is
 re-blocked on every call otherwise). oneDNN's fused ReLU turns NaN into 0 where PyTorch's keeps it, so ReLU is
-fused only inside ``finite_input``, which the model enters where its parameters and buffers (once per state) and
-the batch of images (on every forward, far cheaper than the separate ReLU passes it saves) hold no NaN or inf;
-otherwise it runs in place after the conv. Results equal the plain modules' up to float rounding, NaN and inf included;
+fused only between ``enter_finite_input`` and ``exit_finite_input``, which the model calls around its forward,
+and only where its parameters and buffers (checked once per state) and the batch of images (checked on every
+forward, far cheaper than the separate ReLU passes it saves) hold no NaN or inf; otherwise it runs in place after
+the conv. Results equal the plain modules' up to float rounding, NaN and inf included;
 ``tests/test_fastpath.py`` and ``tests/test_edge_inputs.py`` hold them to it.
 
 Memory: prepacked weights are kept per input geometry (oneDNN's blocked layout can depend on it), each conv's
@@ -22,7 +23,6 @@ as plain ``conv2d`` + activation + add.
 modules, op for op what the authors' code runs. (The training recomputation has its own switch, in
 ``recompute.py``.)
 """
-import contextlib
 import itertools
 import threading
 import weakref
@@ -39,7 +39,7 @@ from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, fold_mode, is_tracing, release_free_memory
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'packs_built', 'release_after_packing',
-           'finite_input']
+           'enter_finite_input', 'exit_finite_input']
 
 
 def _onednn_fusion_available() -> bool:
@@ -66,17 +66,22 @@ def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
 _STATE = threading.local()  # per thread: models shared by threads each see their own batch
 
 
-@contextlib.contextmanager
-def finite_input(module: nn.Module, x: torch.Tensor):
-    """Within, ``FusedConv`` fuses ReLU into the conv where the fast path applies to ``module`` (the model) and
-    neither ``x`` (its input) nor its parameters and buffers hold a NaN or inf; otherwise ReLU runs after each conv,
-    as PyTorch's does. The weights are checked once per parameter state, the input on every call."""
+def enter_finite_input(module: nn.Module, x: torch.Tensor) -> Optional[bool]:
+    """Start a forward of ``module`` (the model) on ``x`` (its input): until ``exit_finite_input``, ``FusedConv``
+    fuses ReLU into the conv where the fast path applies and neither ``x`` nor the model's parameters and buffers
+    hold a NaN or inf; otherwise ReLU runs after each conv, as PyTorch's does. The weights are checked once per
+    parameter state, the input on every call. Returns what ``exit_finite_input`` restores; None while tracing
+    (graphs never see this state: plain functions, no context manager, for torch.export on every release)."""
+    if is_tracing():
+        return None
     previous = getattr(_STATE, 'finite', False)
     _STATE.finite = bool(inference_path(module, x) and x.is_floating_point() and _finite_weights(module)
                          and torch.isfinite(x).all())
-    try:
-        yield
-    finally:
+    return previous
+
+
+def exit_finite_input(previous: Optional[bool]) -> None:
+    if previous is not None:
         _STATE.finite = previous
 
 
