@@ -1,5 +1,8 @@
 """The inference fast path and the training recomputation give what the plain modules give."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -239,3 +242,27 @@ def test_smp_blocks_keep_their_plain_forward_in_training():
     x = torch.randn(2, 8, 10, 10, requires_grad=True)
     block(x).sum().backward()
     assert x.grad is not None and block.large_kernel.smp.conv.radius.grad is not None
+
+
+@pytest.mark.slow  # a fresh interpreter with oneDNN held to AVX2: ~15 s
+def test_bf16_on_cpus_without_onednn_bf16_runs_as_plain_conv2d():
+    """Below AVX512-BF16 (here: oneDNN held to AVX2, as on AVX2-only CPUs) PyTorch has no oneDNN bf16 conv; the fast
+    path then runs bf16 as plain conv2d instead of failing to pack its weights."""
+    code = '''
+import timm, torch
+from smpconv_timm.config import set_inference_fast_path
+assert not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+torch.manual_seed(0)
+model = timm.create_model('smpconv_t', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), kernel_sizes=(7, 7, 5, 5)).eval()
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+    fast = model(x).float()
+    with set_inference_fast_path(False):
+        plain = model(x).float()
+err = ((fast - plain).abs().max() / plain.abs().max()).item()
+assert err < 2e-2, err
+print('ok', err)
+'''
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2')
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith('ok'), proc.stderr[-3000:]

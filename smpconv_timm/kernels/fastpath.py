@@ -51,7 +51,17 @@ def _onednn_fusion_available() -> bool:
         return False
 
 
+def _onednn_bf16_available() -> bool:
+    """oneDNN's bf16 convs need AVX512-BF16-class CPUs (or AVX-NE-CONVERT) in PyTorch; elsewhere (AVX2-only
+    CPUs, or ``ONEDNN_MAX_CPU_ISA`` below them) bf16 runs as plain ``conv2d``."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _ONEDNN = _onednn_fusion_available()
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN and _onednn_bf16_available() else (torch.float32,)
 _ACTS = {'none': lambda x: x, 'relu': F.relu, 'gelu': F.gelu}
 
 
@@ -220,7 +230,7 @@ class FusedConv:
     def _run(self, x, residual, weight, bias) -> torch.Tensor:
         if residual is not None and residual.dtype != x.dtype:
             return self._run(x, None, weight, bias) + residual  # type promotion as the plain add has it
-        onednn_dtype = x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+        onednn_dtype = x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
         if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
             return self._onednn(x, residual, self._plan(x, weight, bias))
         if self.depthwise:
