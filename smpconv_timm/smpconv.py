@@ -28,8 +28,8 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
     to_timm_keys
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
-from .kernels import FusedConv, TransientCaches, act_name, bn_gelu_conv, cached_plan, drop_plan, dwconv, \
-    enter_finite_input, exit_finite_input, inference_path, packs_built, recompute_applies, release_after_packing
+from .kernels import FusedConv, TransientCaches, act_name, begin_forward, bn_gelu_conv, cached_plan, drop_plan, \
+    dwconv, end_forward, inference_path, recompute_applies
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -530,8 +530,7 @@ class SMPConvNet(TransientCaches, nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
-        mark = packs_built()
-        finite = enter_finite_input(self, x)
+        started = begin_forward(self, x)
         try:
             x = self.stem(_channels_last_on_cpu(x))
             if torch.jit.is_scripting() or not stop_early:
@@ -543,8 +542,7 @@ class SMPConvNet(TransientCaches, nn.Module):
                 if feat_idx in take_indices:
                     intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
         finally:
-            exit_finite_input(finite)
-        release_after_packing(mark)
+            end_forward(started)
 
         if intermediates_only:
             return intermediates
@@ -571,14 +569,12 @@ class SMPConvNet(TransientCaches, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
-        mark = packs_built()  # eval at a new input size packs weights: return what it freed meanwhile to the OS
-        finite = enter_finite_input(self, x)
+        started = begin_forward(self, x)  # ReLU fusion for finite input; memory freed after packing a new size
         try:
             x = self.stem(_channels_last_on_cpu(x))
             x = self.stages(x)
         finally:
-            exit_finite_input(finite)
-        release_after_packing(mark)
+            end_forward(started)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -10,8 +10,7 @@ Their switches are in ``smpconv_timm.config``.
 """
 from . import dwconv
 from .dwconv import ALGORITHMS, crop_kernel, crop_taps
-from .fastpath import FusedConv, act_name, cached_plan, drop_plan, enter_finite_input, exit_finite_input, \
-    inference_path, packs_built, release_after_packing
+from .fastpath import FusedConv, act_name, begin_forward, cached_plan, drop_plan, end_forward, inference_path
 from .recompute import bn_gelu_conv, recompute_applies
 from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, fold_mode, is_fx_tracing, is_tracing, \
     release_free_memory

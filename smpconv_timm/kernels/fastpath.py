@@ -4,7 +4,7 @@ In eval mode without autograd, each block of an SMPConv model runs its convoluti
 folded in (the deploy-form weights, in the train form too), the following GELU or the residual add fused
 into the conv, and on CPU with weights prepacked once into oneDNN's blocked layout (the plain layout is
 re-blocked on every call otherwise). oneDNN's fused ReLU turns NaN into 0 where PyTorch's keeps it, so ReLU is
-fused only between ``enter_finite_input`` and ``exit_finite_input``, which the model calls around its forward,
+fused only between ``begin_forward`` and ``end_forward``, which the model calls around its forward,
 and only where its parameters and buffers (checked once per state) and the batch of images (checked on every
 forward, far cheaper than the separate ReLU passes it saves) hold no NaN or inf; otherwise it runs in place after
 the conv. Results equal the plain modules' up to float rounding, NaN and inf included;
@@ -38,8 +38,7 @@ from . import dwconv, toeplitz
 from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, fold_mode, is_tracing, release_free_memory
 
-__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'packs_built', 'release_after_packing',
-           'enter_finite_input', 'exit_finite_input']
+__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'begin_forward', 'end_forward']
 
 
 def _onednn_fusion_available() -> bool:
@@ -76,23 +75,31 @@ def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
 _STATE = threading.local()  # per thread: models shared by threads each see their own batch
 
 
-def enter_finite_input(module: nn.Module, x: torch.Tensor) -> Optional[bool]:
-    """Start a forward of ``module`` (the model) on ``x`` (its input): until ``exit_finite_input``, ``FusedConv``
-    fuses ReLU into the conv where the fast path applies and neither ``x`` nor the model's parameters and buffers
-    hold a NaN or inf; otherwise ReLU runs after each conv, as PyTorch's does. The weights are checked once per
-    parameter state, the input on every call. Returns what ``exit_finite_input`` restores; None while tracing
-    (graphs never see this state: plain functions, no context manager, for torch.export on every release)."""
+def begin_forward(module: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, bool]]:
+    """Start a forward of ``module`` (the model) on ``x`` (its input); ``end_forward`` with what this returns ends it
+    (None while tracing: graphs never see this state, and plain functions rather than a context manager keep
+    torch.export working on every release).
+
+    Until then, ``FusedConv`` fuses ReLU into the conv where the fast path applies and neither ``x`` nor the model's
+    parameters and buffers hold a NaN or inf (the weights checked once per parameter state, the input on every
+    call); otherwise ReLU runs after each conv, as PyTorch's does.
+    """
     if is_tracing():
         return None
     previous = getattr(_STATE, 'finite', False)
     _STATE.finite = bool(inference_path(module, x) and x.is_floating_point() and _finite_weights(module)
                          and torch.isfinite(x).all())
-    return previous
+    return _CACHE.packs_built, previous
 
 
-def exit_finite_input(previous: Optional[bool]) -> None:
-    if previous is not None:
-        _STATE.finite = previous
+def end_forward(started: Optional[Tuple[int, bool]]) -> None:
+    """End what ``begin_forward`` started: the ReLU fusion state as before it, and, if the forward packed weights
+    (a new input size), the memory freed meanwhile returned to the OS."""
+    if started is None:
+        return
+    mark, _STATE.finite = started
+    if mark != _CACHE.packs_built:
+        release_free_memory()
 
 
 def _version_key(module: nn.Module) -> Optional[tuple]:
@@ -175,17 +182,6 @@ class _PackedCache:
 
 
 _CACHE = _PackedCache()
-
-
-def packs_built() -> Optional[int]:
-    """How many plans the fast path has packed so far in this process; None while tracing (see ``SMPConvNet``)."""
-    return None if is_tracing() else _CACHE.packs_built
-
-
-def release_after_packing(mark: Optional[int]) -> None:
-    """Return freed memory to the OS if plans were packed since ``mark`` (a ``packs_built()`` value)."""
-    if mark is not None and mark != _CACHE.packs_built:
-        release_free_memory()
 
 
 class FusedConv:
