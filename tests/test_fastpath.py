@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 import smpconv_timm.smpconv as smpconv_module
-from smpconv_timm.config import set_inference_fast_path, set_training_recompute
+from smpconv_timm.config import set_dwconv_algorithms, set_inference_fast_path, set_training_recompute
 from smpconv_timm.kernels import FusedConv, act_name
 from smpconv_timm.smpconv import ConvFfnBlock, SmpBlock
 
@@ -266,3 +266,10 @@ print('ok', err)
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA='AVX2')
     proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith('ok'), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_the_matrix_form_keeps_nan_and_inf_as_pytorch_does(dtype):
+    """Forced (not timed), so that this does not depend on which candidate wins on the machine."""
+    with set_dwconv_algorithms(forward='toeplitz', input_grad='toeplitz', weight_grad='toeplitz'):
+        test_fused_ops_keep_nan_and_inf_as_pytorch_does('depthwise_relu', dtype)

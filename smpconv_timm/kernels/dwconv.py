@@ -111,10 +111,16 @@ def tile_of(algo: str) -> int:
     return int(algo.partition(':')[2] or 0)
 
 
+def matrix_form_applies(*tensors: torch.Tensor) -> bool:
+    """The matrix form multiplies every input of a tile by the band's zeros too: a NaN or inf would reach outputs
+    the direct conv never lets it reach, so non-finite tensors take the direct conv instead."""
+    return all(bool(t.isfinite().all()) for t in tensors)
+
+
 def _forward(algo, x, weight, padding, stride=1):
     if algo == 'fft':
         return _conv_fft(x, weight, padding).contiguous(memory_format=layout(x))
-    if algo.startswith('toeplitz'):
+    if algo.startswith('toeplitz') and matrix_form_applies(x):
         return toeplitz.conv(x, weight, padding, tile_of(algo))
     if algo == 'direct_fp32' and x.dtype in _HALF:
         return _conv_direct(x.float(), weight.float(), padding, stride).to(x.dtype)
@@ -142,7 +148,7 @@ def _input_grad(algo, grad, weight, padding, x, stride=1):
 def _weight_grad(algo, x, grad, weight, padding, stride=1):
     if algo == 'fft':
         return _weight_grad_fft(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
-    if algo.startswith('toeplitz'):
+    if algo.startswith('toeplitz') and matrix_form_applies(x, grad):
         return toeplitz.weight_grad(x, grad, tuple(weight.shape[-2:]), padding, tile_of(algo)).to(weight.dtype)
     return _native(grad, x, weight, padding, stride, 1, algo == 'native_fp32')
 

@@ -228,7 +228,10 @@ class FusedConv:
             return self._run(x, None, weight, bias) + residual  # type promotion as the plain add has it
         onednn_dtype = x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
         if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
-            return self._onednn(x, residual, self._plan(x, weight, bias))
+            plan = self._plan(x, weight, bias)
+            # the matrix form only on finite input (dwconv.matrix_form_applies): known for the model's own input
+            if plan.tiles is None or getattr(_STATE, 'finite', False) or dwconv.matrix_form_applies(x):
+                return self._onednn(x, residual, plan)
         if self.depthwise:
             y = depthwise_conv2d(x, weight, bias, self.stride, self.padding)
         else:
