@@ -11,6 +11,7 @@ Module names follow timm; ``checkpoint_filter_fn`` maps the authors' checkpoints
 (``transitions.{s}`` -> ``stages.{s+1}.downsample``, ``prelkb_bn`` / ``preffn_bn`` -> ``norm``,
 ``norm`` -> ``head.norm``, ``head`` -> ``head.fc``, ``kernel_coord`` buffers dropped).
 """
+import itertools
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,8 +29,8 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
     to_timm_keys
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
-from .kernels import FusedConv, TransientCaches, act_name, begin_forward, bn_gelu_conv, cached_plan, drop_plan, \
-    dwconv, end_forward, inference_path, recompute_applies
+from .kernels import FusedConv, TransientCaches, act_name, begin_forward, bn_gelu_conv, cached_plan, compiled_eval, \
+    compiled_eval_applies, drop_plan, dwconv, end_forward, inference_path, recompute_applies
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -567,8 +568,19 @@ class SMPConvNet(TransientCaches, nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def features_shape(self, shape: Sequence[int]) -> Tuple[int, int, int, int]:
+        """The shape ``forward_features`` returns for an input of ``shape`` (N, C, H, W)."""
+        n, _, h, w = shape
+        for m in itertools.chain(self.stem.modules(), self.stages.modules()):
+            if isinstance(m, nn.Conv2d):  # the SMP convs keep the size (odd kernels, stride 1, 'same' padding)
+                h, w = ((size + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+                        for i, size in enumerate((h, w)))
+        return n, self.num_features, h, w
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
+        if compiled_eval_applies(self, x):  # torch.compile: the eager fast path as one op of the graph
+            return compiled_eval(self, x)
         started = begin_forward(self, x)  # ReLU fusion for finite input; memory freed after packing a new size
         try:
             x = self.stem(_channels_last_on_cpu(x))

@@ -252,3 +252,67 @@ def test_compiled_train_step_equals_eager():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
     for (name, b), c in zip(model.named_buffers(), twin.buffers()):  # running statistics
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class GraphRecorder:
+    """A torch.compile backend that keeps each graph's call targets and runs the graph as traced."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([str(n.target) for n in gm.graph.nodes if n.op == 'call_function'])
+        return gm.forward
+
+    def targets(self):
+        return [t for g in self.graphs for t in g]
+
+
+def plain_eval(model, x):
+    with set_inference_fast_path(False), torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, 'is_exporting'),
+                    reason='PyTorch < 2.5 cannot tell torch.export from torch.compile: compiled graphs hold plain ops')
+@pytest.mark.parametrize('deploy', [False, True])
+def test_compiled_eval_is_the_fast_path_as_one_op(deploy):
+    # Inductor's graph of the plain modules runs each conv unfused with its weights re-blocked on every call, slower
+    # than eager; the compiled eval forward holds the eager fast path as one op, valid at any size (fullgraph)
+    model = tiny().eval()
+    if deploy:
+        model = reparameterize_model(model)
+    recorder = GraphRecorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True)
+    for size in (64, 37, 32):  # NCHW, an odd size, 1x1 features: the op's output shape is worked out while tracing
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), plain_eval(model, x), rtol=1e-4, atol=1e-5)
+    targets = recorder.targets()
+    assert targets.count('smpconv_timm.eval_features.default') == len(recorder.graphs) >= 1
+    assert not [t for t in targets if 'conv' in t.replace('smpconv_timm', '')]  # every conv inside; the head compiled
+
+
+def test_compiled_graphs_record_the_plain_modules_where_the_fast_path_does_not_run():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 48, 48)
+    for name, context in (('autograd on', torch.enable_grad), ('bf16 autocast', lambda: torch.autocast('cpu')),
+                          ('fast path off', lambda: set_inference_fast_path(False))):
+        recorder = GraphRecorder()
+        with context():
+            torch.compile(model, backend=recorder)(x)
+        targets = recorder.targets()
+        assert 'smpconv_timm.eval_features.default' not in targets and any('conv2d' in t for t in targets), name
+    exported = torch.export.export(model, (x,))  # exported programs hold plain ops, for every runtime
+    graph = str(exported.graph)
+    assert 'eval_features' not in graph and 'conv2d' in graph
+
+
+def test_one_compiled_function_serves_two_models_with_their_own_weights():
+    # a graph traced for one model and reused for another of the same structure runs the other's weights
+    models = [tiny(seed).eval() for seed in (0, 1)]
+    fn = torch.compile(lambda m, x: m(x), backend='eager')
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        for m in models + models[::-1]:
+            torch.testing.assert_close(fn(m, x), plain_eval(m, x), rtol=1e-4, atol=1e-5)

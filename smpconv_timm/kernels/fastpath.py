@@ -19,6 +19,11 @@ does not ratchet the process's resident memory up.
 Where oneDNN's fused ops are unavailable (other devices, dtypes or PyTorch builds) the same plan runs
 as plain ``conv2d`` + activation + add.
 
+Under ``torch.compile`` the model's eval forward is one opaque op (``compiled_eval_applies``, ``compiled_eval``) that
+runs this fast path, as Inductor's own graph of the plain modules runs the convs unfused and their weights unpacked
+on every call (slower than eager). ``torch.export``, ONNX export, ``jit.trace`` and ``torch.fx`` record the plain
+modules.
+
 ``smpconv_timm.config.set_inference_fast_path(False)`` (or ``SMPCONV_FASTPATH=0``) turns it off: eval then runs the plain
 modules, op for op what the authors' code runs. (The training recomputation has its own switch, in
 ``recompute.py``.)
@@ -36,9 +41,10 @@ import torch.nn.functional as F
 from .. import config
 from . import dwconv, toeplitz
 from .dwconv import crop_kernel, depthwise_conv2d
-from .runtime import autocast_dtype, fold_mode, is_tracing, release_free_memory
+from .runtime import autocast_dtype, fold_mode, is_fx_tracing, is_tracing, release_free_memory
 
-__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'begin_forward', 'end_forward']
+__all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'begin_forward', 'end_forward',
+           'compiled_eval_applies', 'compiled_eval']
 
 
 def _onednn_fusion_available() -> bool:
@@ -70,6 +76,70 @@ def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
     if not config.use_inference_fast_path() or module.training or torch.is_grad_enabled() or is_tracing():
         return False
     return x.device.type != 'meta'  # no data to fold on the meta device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: the eval fast path as one op of the compiled graph
+
+_COMPILED_MODELS: 'weakref.WeakValueDictionary[int, nn.Module]' = weakref.WeakValueDictionary()
+
+
+def compiled_eval_applies(model: nn.Module, x: torch.Tensor) -> bool:
+    """True while ``torch.compile`` traces an eval forward that the fast path would run eagerly on CPU (no autograd,
+    no autocast, floating input of the model's dtype). ``torch.export`` (hence ONNX export) records the plain modules;
+    so does ``torch.compile`` on PyTorch releases without ``torch.compiler.is_exporting`` (before 2.5)."""
+    if not (torch.compiler.is_compiling() and hasattr(torch.compiler, 'is_exporting')):
+        return False
+    if torch.compiler.is_exporting() or torch.jit.is_tracing() or is_fx_tracing():
+        return False
+    weight = next(model.parameters(), None)
+    return (_ONEDNN and config.use_inference_fast_path() and not model.training and not torch.is_grad_enabled()
+            and x.device.type == 'cpu' and autocast_dtype('cpu') is None and weight is not None
+            and x.dtype == weight.dtype and x.is_floating_point())
+
+
+@torch.compiler.assume_constant_result
+def _register(model: nn.Module) -> int:
+    """A key for ``model`` that the compiled graph holds as a constant (run while tracing, not by the graph)."""
+    _COMPILED_MODELS[id(model)] = model
+    return id(model)
+
+
+def _model_of(key: int, anchor: torch.Tensor) -> nn.Module:
+    """The registered model whose first parameter is ``anchor``: a graph traced for one model and reused for
+    another of the same structure passes the other's parameter."""
+    model = _COMPILED_MODELS.get(key)
+    if model is None or next(model.parameters()).data_ptr() != anchor.data_ptr():
+        model = next((m for m in list(_COMPILED_MODELS.values()) if next(m.parameters()).data_ptr() == anchor.data_ptr()),
+                     None)
+    if model is None:
+        raise RuntimeError('smpconv_timm: the compiled graph runs a model that no longer exists; compile it again')
+    return model
+
+
+@torch.library.custom_op('smpconv_timm::eval_features', mutates_args=())
+def _eval_features(x: torch.Tensor, anchor: torch.Tensor, key: int) -> torch.Tensor:
+    model = _model_of(key, anchor)
+    with torch.no_grad():
+        out = model.forward_features(x)
+    layout = _features_like(out.shape, x)  # the strides the graph was compiled for (maps of 1 pixel included)
+    return out if out.stride() == layout.stride() else layout.copy_(out)
+
+
+def _features_like(shape, x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@_eval_features.register_fake
+def _eval_features_fake(x: torch.Tensor, anchor: torch.Tensor, key: int) -> torch.Tensor:
+    return _features_like(_COMPILED_MODELS[key].features_shape(x.shape), x)  # tracing: the model just registered
+
+
+def compiled_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.forward_features(x)`` as one op of a ``torch.compile`` graph (where ``compiled_eval_applies``): the
+    op runs the eager fast path (fused convs, packed weights, the per-shape algorithm choice) when the graph runs;
+    the rest of the model (the head) is compiled as usual."""
+    return _eval_features(x, next(model.parameters()), _register(model))
 
 
 _STATE = threading.local()  # per thread: models shared by threads each see their own batch
