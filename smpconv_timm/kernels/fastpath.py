@@ -108,10 +108,12 @@ def _register(model: nn.Module) -> int:
 def _model_of(key: int, anchor: torch.Tensor) -> nn.Module:
     """The registered model whose first parameter is ``anchor``: a graph traced for one model and reused for
     another of the same structure passes the other's parameter."""
+    def holds_anchor(m: Optional[nn.Module]) -> bool:
+        return m is not None and next(m.parameters()).data_ptr() == anchor.data_ptr()
+
     model = _COMPILED_MODELS.get(key)
-    if model is None or next(model.parameters()).data_ptr() != anchor.data_ptr():
-        model = next((m for m in list(_COMPILED_MODELS.values()) if next(m.parameters()).data_ptr() == anchor.data_ptr()),
-                     None)
+    if not holds_anchor(model):
+        model = next((m for m in list(_COMPILED_MODELS.values()) if holds_anchor(m)), None)
     if model is None:
         raise RuntimeError('smpconv_timm: the compiled graph runs a model that no longer exists; compile it again')
     return model
