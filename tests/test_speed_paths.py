@@ -13,7 +13,7 @@ from smpconv_timm.config import set_dwconv_algorithms, set_eval_cache_mb, set_in
     set_training_recompute
 from smpconv_timm.kernels import FusedConv, dwconv, fastpath
 
-from test_fastpath import randomise_bn  # non-trivial BatchNorm statistics, so that folding them is exercised
+from test_fastpath import plain as plain_modules, randomise_bn  # non-trivial BN statistics: folding is exercised
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
 
@@ -268,11 +268,6 @@ class GraphRecorder:
         return [t for g in self.graphs for t in g]
 
 
-def plain_eval(model, x):
-    with set_inference_fast_path(False), torch.no_grad():
-        return model(x)
-
-
 @pytest.mark.skipif(not hasattr(torch.compiler, 'is_exporting'),
                     reason='PyTorch < 2.5 cannot tell torch.export from torch.compile: compiled graphs hold plain ops')
 @pytest.mark.parametrize('deploy', [False, True])
@@ -287,7 +282,7 @@ def test_compiled_eval_is_the_fast_path_as_one_op(deploy):
     for size in (64, 37, 32):  # NCHW, an odd size, 1x1 features: the op's output shape is worked out while tracing
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
-            torch.testing.assert_close(compiled(x), plain_eval(model, x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled(x), plain_modules(model, x), rtol=1e-4, atol=1e-5)
     targets = recorder.targets()
     assert targets.count('smpconv_timm.eval_features.default') == len(recorder.graphs) >= 1
     assert not [t for t in targets if 'conv' in t.replace('smpconv_timm', '')]  # every conv inside; the head compiled
@@ -315,4 +310,4 @@ def test_one_compiled_function_serves_two_models_with_their_own_weights():
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         for m in models + models[::-1]:
-            torch.testing.assert_close(fn(m, x), plain_eval(m, x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fn(m, x), plain_modules(m, x), rtol=1e-4, atol=1e-5)

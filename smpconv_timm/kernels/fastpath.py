@@ -70,12 +70,16 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN and _onednn_bf16_ava
 _ACTS = {'none': lambda x: x, 'relu': F.relu, 'gelu': F.gelu}
 
 
+def _inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """Eval mode and no autograd, with the fast path switched on and data to fold (not the meta device)."""
+    return (config.use_inference_fast_path() and not module.training and not torch.is_grad_enabled()
+            and x.device.type != 'meta')
+
+
 def inference_path(module: nn.Module, x: torch.Tensor) -> bool:
     """True where the fast path applies: eval mode, no autograd, eager execution (autocast included: the
     fused convs then run in the autocast dtype, as ``conv2d`` does under autocast)."""
-    if not config.use_inference_fast_path() or module.training or torch.is_grad_enabled() or is_tracing():
-        return False
-    return x.device.type != 'meta'  # no data to fold on the meta device
+    return not is_tracing() and _inference(module, x)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,9 +97,8 @@ def compiled_eval_applies(model: nn.Module, x: torch.Tensor) -> bool:
     if torch.compiler.is_exporting() or torch.jit.is_tracing() or is_fx_tracing():
         return False
     weight = next(model.parameters(), None)
-    return (_ONEDNN and config.use_inference_fast_path() and not model.training and not torch.is_grad_enabled()
-            and x.device.type == 'cpu' and autocast_dtype('cpu') is None and weight is not None
-            and x.dtype == weight.dtype and x.is_floating_point())
+    return (_ONEDNN and _inference(model, x) and x.device.type == 'cpu' and autocast_dtype('cpu') is None
+            and weight is not None and x.dtype == weight.dtype and x.is_floating_point())
 
 
 @torch.compiler.assume_constant_result
@@ -119,6 +122,11 @@ def _model_of(key: int, anchor: torch.Tensor) -> nn.Module:
     return model
 
 
+def _features_like(shape, x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of the layout the op returns (channels-last), for its fake and its real result."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
 @torch.library.custom_op('smpconv_timm::eval_features', mutates_args=())
 def _eval_features(x: torch.Tensor, anchor: torch.Tensor, key: int) -> torch.Tensor:
     model = _model_of(key, anchor)
@@ -126,10 +134,6 @@ def _eval_features(x: torch.Tensor, anchor: torch.Tensor, key: int) -> torch.Ten
         out = model.forward_features(x)
     layout = _features_like(out.shape, x)  # the strides the graph was compiled for (maps of 1 pixel included)
     return out if out.stride() == layout.stride() else layout.copy_(out)
-
-
-def _features_like(shape, x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 @_eval_features.register_fake
