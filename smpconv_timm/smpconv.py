@@ -29,8 +29,8 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
     to_timm_keys
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
-from .kernels import FusedConv, TransientCaches, act_name, begin_forward, bn_gelu_conv, cached_plan, compiled_eval, \
-    compiled_eval_applies, drop_plan, dwconv, end_forward, inference_path, recompute_applies
+from .kernels import FusedConv, TransientCaches, act_name, batch_split, begin_forward, bn_gelu_conv, cached_plan, \
+    compiled_eval, compiled_eval_applies, drop_plan, dwconv, end_forward, inference_path, recompute_applies
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -573,9 +573,25 @@ class SMPConvNet(TransientCaches, nn.Module):
         n, _, h, w = shape
         for m in itertools.chain(self.stem.modules(), self.stages.modules()):
             if isinstance(m, nn.Conv2d):  # the SMP convs keep the size (odd kernels, stride 1, 'same' padding)
-                h, w = ((size + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
-                        for i, size in enumerate((h, w)))
+                h, w = _conv_out_size(m, h, w)
         return n, self.num_features, h, w
+
+    def _largest_activations(self, h: int, w: int) -> List[int]:
+        """Per part of the feature extractor (stem, each stage), the elements of its largest conv output for one
+        image of ``h`` x ``w`` (the FFN's 4x wide hidden tensor in a stage), kept per input size."""
+        key = (h, w, len(self.stages))
+        cache = self.__dict__.setdefault('_activation_sizes', {})
+        if key not in cache:
+            sizes = []
+            for part in (self.stem, *self.stages):
+                largest = 0
+                for m in part.modules():
+                    if isinstance(m, nn.Conv2d):
+                        h, w = _conv_out_size(m, h, w)
+                        largest = max(largest, m.out_channels * h * w)
+                sizes.append(largest)
+            cache[key] = sizes
+        return cache[key]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = _check_input(x, self.in_chans)
@@ -583,8 +599,16 @@ class SMPConvNet(TransientCaches, nn.Module):
             return compiled_eval(self, x)
         started = begin_forward(self, x)  # ReLU fusion for finite input; memory freed after packing a new size
         try:
-            x = self.stem(_channels_last_on_cpu(x))
-            x = self.stages(x)
+            x = _channels_last_on_cpu(x)
+            parts, chunks = batch_split(self, x, self._largest_activations(*x.shape[-2:])) \
+                if inference_path(self, x) else (0, 1)
+            if chunks > 1:  # CPU eval: the stem (and stage 1) on slices of a large batch, see ``batch_split``
+                split = parts - 1  # stages after the stem that run on slices
+                x = torch.cat([self.stages[:split](self.stem(piece)) for piece in x.tensor_split(chunks)])
+                x = self.stages[split:](x)
+            else:
+                x = self.stem(x)
+                x = self.stages(x)
         finally:
             end_forward(started)
         return x
@@ -596,6 +620,11 @@ class SMPConvNet(TransientCaches, nn.Module):
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x
+
+
+def _conv_out_size(m: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
+    return tuple((size + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+                 for i, size in enumerate((h, w)))
 
 
 @torch.fx.wrap

@@ -111,6 +111,79 @@ def test_fast_path_only_where_it_applies():
     assert '_fast_plan' in block.__dict__
 
 
+def conv_outputs_per_part(model, x):
+    """The largest conv output per image of each part (stem, stages), recorded from the plain modules' forward."""
+    largest, hooks = [], []
+    for i, part in enumerate((model.stem, *model.stages)):
+        largest.append(0)
+        for m in part.modules():
+            if isinstance(m, nn.Conv2d):
+                hooks.append(m.register_forward_hook(
+                    lambda mod, args, out, i=i: largest.__setitem__(i, max(largest[i], out[0].numel()))))
+    plain(model, x)
+    for h in hooks:
+        h.remove()
+    return largest
+
+
+@pytest.mark.parametrize('size', [(64, 64), (40, 56)])
+def test_activation_sizes_are_those_the_plain_forward_makes(size):
+    model = timm.create_model('smpconv_t', **TINY).eval()
+    x = torch.randn(1, 3, *size)
+    assert model._largest_activations(*size) == conv_outputs_per_part(model, x)
+    assert model._largest_activations(*size) == conv_outputs_per_part(reparameterize_model(model), x)
+
+
+@pytest.mark.parametrize('batch', [6, 5])
+@pytest.mark.parametrize('bf16', [False, True])
+def test_a_large_batch_runs_its_first_parts_in_slices(monkeypatch, batch, bf16):
+    """Where an activation of the stem or stage 1 would pass SPLIT_BYTES, they run on slices of the batch, and the
+    logits are those of the plain modules on the whole batch."""
+    from smpconv_timm.kernels import fastpath
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    x = torch.randn(batch, 3, 64, 64)
+    # per image, elements: stem 16 x 32 x 32; the FFNs' hidden tensors, stage 1 64 x 16 x 16, stage 2 96 x 8 x 8,
+    # stage 3 128 x 4 x 4; with room for two stem outputs a batch of 6 slices stem and stages 1-2, one of 5 stem and
+    # stage 1 (5 x 6144 elements fit 2 x 16384)
+    assert model._largest_activations(64, 64)[:4] == [16384, 16384, 6144, 2048]
+    monkeypatch.setattr(fastpath, 'SPLIT_BYTES', 2 * 16384 * (2 if bf16 else 4))
+    stem_calls, stage_batches = [], []
+    model.stem.register_forward_hook(lambda m, args, out: stem_calls.append(args[0].shape[0]))
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, args, out: stage_batches.append(args[0].shape[0]))
+    with torch.autocast('cpu', torch.bfloat16, enabled=bf16):
+        out = fast(model, x)
+        if batch == 6:
+            assert stem_calls == [2, 2, 2] and stage_batches == [2, 2, 2, 2, 2, 2, 6, 6]
+        else:
+            assert stem_calls == [2, 2, 1] and stage_batches == [2, 2, 1, 5, 5, 5]
+        stem_calls.clear()
+        ref = plain(model, x)
+    if bf16:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05 * ref.abs().max().item())
+    else:
+        close(out, ref)
+    assert stem_calls == [batch]  # autograd on: the plain modules, whole batch
+
+
+def test_batch_split_only_in_cpu_eval_inference():
+    from smpconv_timm.kernels import batch_split
+    model = timm.create_model('smpconv_t', **TINY).eval()
+    x = torch.randn(4, 3, 64, 64)
+    huge = [10 ** 9] * 5
+    with torch.no_grad():
+        assert batch_split(model, x, huge) == (5, 4)  # a slice per image, nothing smaller
+        assert batch_split(model, x[:1], huge) == (5, 1)
+        assert batch_split(model, x, [0] * 5) == (0, 1)
+        with set_inference_fast_path(False):
+            assert batch_split(model, x, huge) == (0, 1)
+    assert batch_split(model, x, huge) == (0, 1)  # autograd on
+    model.train()
+    with torch.no_grad():
+        assert batch_split(model, x, huge) == (0, 1)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('op', ['relu', 'gelu', 'none', 'residual', 'depthwise_relu'])
 def test_fused_ops_keep_nan_and_inf_as_pytorch_does(op, dtype):

@@ -11,8 +11,8 @@ Their switches are in ``smpconv_timm.config``.
 """
 from . import dwconv
 from .dwconv import ALGORITHMS, crop_kernel, crop_taps
-from .fastpath import FusedConv, act_name, begin_forward, cached_plan, compiled_eval, compiled_eval_applies, drop_plan, \
-    end_forward, inference_path
+from .fastpath import FusedConv, act_name, batch_split, begin_forward, cached_plan, compiled_eval, compiled_eval_applies, \
+    drop_plan, end_forward, inference_path
 from .recompute import bn_gelu_conv, recompute_applies
 from .runtime import CACHE_ATTRS, TransientCaches, autocast_dtype, fold_mode, is_fx_tracing, is_tracing, \
     release_free_memory

@@ -10,6 +10,9 @@ forward, far cheaper than the separate ReLU passes it saves) hold no NaN or inf;
 the conv. Results equal the plain modules' up to float rounding, NaN and inf included;
 ``tests/test_fastpath.py`` and ``tests/test_edge_inputs.py`` hold them to it.
 
+Batches: on CPU, the first parts of the model (the stem, stage 1) make the largest activations; where one of them
+would exceed ``SPLIT_BYTES`` those parts run on slices of the batch (``batch_split``), the rest on the whole batch.
+
 Memory: prepacked weights are kept per input geometry (oneDNN's blocked layout can depend on it), each conv's
 most recent geometry always, older ones while they fit ``config.eval_cache_mb()`` (all models of the process
 together, least recently used dropped first). After a forward that packed weights, ``SMPConvNet`` returns the
@@ -32,7 +35,7 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,7 +47,7 @@ from .dwconv import crop_kernel, depthwise_conv2d
 from .runtime import autocast_dtype, fold_mode, is_fx_tracing, is_tracing, release_free_memory
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'begin_forward', 'end_forward',
-           'compiled_eval_applies', 'compiled_eval']
+           'compiled_eval_applies', 'compiled_eval', 'batch_split', 'SPLIT_BYTES']
 
 
 def _onednn_fusion_available() -> bool:
@@ -146,6 +149,33 @@ def compiled_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     op runs the eager fast path (fused convs, packed weights, the per-shape algorithm choice) when the graph runs;
     the rest of the model (the head) is compiled as usual."""
     return _eval_features(x, next(model.parameters()), _register(model))
+
+
+#: The most bytes one activation of a CPU eval forward may take before the batch is split (``batch_split``). glibc's
+#: malloc serves each allocation above 32 MB with freshly mapped pages and unmaps them when it is freed, so such an
+#: activation pays its page faults on every forward (the stem's, at bs 16, took about as long to fault in as the
+#: conv that wrote it); below that, freed memory is reused.
+SPLIT_BYTES = 24 * 2 ** 20
+
+
+def batch_split(module: nn.Module, x: torch.Tensor, largest: Sequence[int]) -> Tuple[int, int]:
+    """``(parts, chunks)``: run the first ``parts`` parts of the model in ``chunks`` slices of the batch ``x`` so that
+    none of their activations exceeds ``SPLIT_BYTES``; ``largest`` holds, per part in order, the elements of its
+    largest activation for one image. ``(0, 1)`` (the whole batch) outside the CPU eval fast path.
+
+    An eval forward treats each image on its own, so the result is the same up to float rounding (the kernels may
+    block a slice differently); ``largest`` only decides the speed."""
+    if not (inference_path(module, x) and x.device.type == 'cpu' and x.dim() == 4):
+        return 0, 1
+    dtype = autocast_dtype('cpu') if x.is_floating_point() and autocast_dtype('cpu') is not None else x.dtype
+    size, batch = dtype.itemsize, x.shape[0]
+    parts = 0
+    while parts < len(largest) and largest[parts] * size * batch > SPLIT_BYTES:
+        parts += 1
+    if parts == 0:
+        return 0, 1
+    per_slice = max(1, SPLIT_BYTES // (max(largest[:parts]) * size))
+    return parts, -(-batch // per_slice)
 
 
 _STATE = threading.local()  # per thread: models shared by threads each see their own batch

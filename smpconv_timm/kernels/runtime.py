@@ -74,7 +74,7 @@ def release_free_memory() -> None:
 
 
 #: Instance attributes that hold eager inference caches (tensors derived from parameters, oneDNN-packed weights).
-CACHE_ATTRS = ('_kernel_cache', '_fast_plan', '_finite_weights')
+CACHE_ATTRS = ('_kernel_cache', '_fast_plan', '_finite_weights', '_activation_sizes')
 
 
 class TransientCaches:
