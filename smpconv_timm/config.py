@@ -44,7 +44,7 @@ __all__ = [
 DWCONV_ALGORITHMS: Dict[str, tuple] = {
     'forward': ('direct', 'fft', 'toeplitz', 'direct_fp32'),
     'input_grad': ('direct', 'fft', 'toeplitz', 'direct_fp32', 'native', 'native_fp32'),
-    'weight_grad': ('native', 'fft', 'toeplitz', 'native_fp32'),
+    'weight_grad': ('native', 'fft', 'toeplitz', 'rows', 'native_fp32'),
 }
 
 

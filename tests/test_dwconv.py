@@ -122,6 +122,24 @@ def test_band_weight_is_the_kernel_as_banded_matrices(tile):
             torch.testing.assert_close(got[:t.out_width], ref)
 
 
+@pytest.mark.parametrize('algo', [v for a in ('toeplitz', 'rows') for v in dwconv.variants(a)])
+def test_matrix_weight_grads_leave_non_finite_inputs_to_pytorch(algo):
+    """A NaN in the input, or an inf in the output gradient next to the zero padding (inf * 0 in a matrix form):
+    the kernel gradient is PyTorch's own, non-finite taps and all."""
+    config.set_dwconv_algorithms(**dict(PLAIN, weight_grad=algo))
+    n, c, h, w, k, p = 2, 3, 9, 8, 5, 2
+    for where, value in (('x', float('nan')), ('grad', float('inf')), ('grad', -float('inf'))):
+        torch.manual_seed(0)
+        x, grad = torch.randn(n, c, h, w), torch.randn(n, c, h, w)
+        (x if where == 'x' else grad)[1, 2, 0, 3] = value
+        weight = torch.randn(c, 1, k, k)
+        config.set_dwconv_algorithms(weight_grad=algo)
+        got = conv_and_grads(x, weight, torch.zeros(c), p, grad, lambda x, w, b, pad: dwconv.depthwise_conv2d(x, w, b, 1, pad))[2]
+        ref = conv_and_grads(x, weight, torch.zeros(c), p, grad, lambda x, w, b, pad: F.conv2d(x, w, b, 1, pad, 1, c))[2]
+        assert not ref[2].isfinite().all() and ref[:2].isfinite().all(), where
+        torch.testing.assert_close(got, ref, equal_nan=True, msg=lambda m: f'{algo} {where}={value}: {m}')
+
+
 def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):
     config.set_dwconv_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
     monkeypatch.setattr(dwconv, '_tuned', {})

@@ -10,7 +10,8 @@ runs a custom autograd function whose three stages each have candidates, all pla
 - input gradient: the forward conv with the flipped kernel by any forward candidate, or ``native``, PyTorch's
   own depthwise backward (up to 2x slower on channels-last CPU tensors), and ``native_fp32`` for bf16 / fp16;
 - weight gradient: ``native``, PyTorch's own ``convolution_backward`` (on CPU up to 30x the forward time for
-  31x31 kernels); ``fft``, the cross-correlation of input and output gradient by FFT; ``toeplitz``; and
+  31x31 kernels); ``fft``, the cross-correlation of input and output gradient by FFT; ``toeplitz``; ``rows``, the
+  whole-row band gradients as one batched matmul over channels per kernel row (``toeplitz.weight_grad_rows``); and
   ``native_fp32`` for bf16 / fp16 inputs.
 
 ``toeplitz`` (``toeplitz.py``): each kernel row a banded matrix, the conv one grouped conv whose implicit GEMMs run
@@ -26,7 +27,8 @@ environment variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). T
 All candidates give ``F.conv2d``'s result up to float rounding for finite inputs. A non-finite input value makes
 the outputs of its image and channel that it reaches non-finite in every candidate; ``fft`` and ``toeplitz`` reach
 further within that image and channel than the kernel's window (the whole map, or whole rows), never another image
-or channel.
+or channel. Where the weight gradient of ``toeplitz`` or ``rows`` comes out non-finite, PyTorch's own is returned
+instead.
 """
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -146,10 +148,18 @@ def _input_grad(algo, grad, weight, padding, x, stride=1):
 
 
 def _weight_grad(algo, x, grad, weight, padding, stride=1):
+    kernel = tuple(weight.shape[-2:])
     if algo == 'fft':
-        return _weight_grad_fft(x, grad, tuple(weight.shape[-2:]), padding).to(weight.dtype)
-    if algo.startswith('toeplitz') and matrix_form_applies(x, grad):
-        return toeplitz.weight_grad(x, grad, tuple(weight.shape[-2:]), padding, tile_of(algo)).to(weight.dtype)
+        return _weight_grad_fft(x, grad, kernel, padding).to(weight.dtype)
+    if algo.startswith('toeplitz') or algo == 'rows':
+        if algo == 'rows':
+            out = toeplitz.weight_grad_rows(x, grad, kernel, padding)
+        else:
+            out = toeplitz.weight_grad(x, grad, kernel, padding, tile_of(algo))
+        # finite inputs give a finite result; a NaN or inf in them (or padding zeros times an inf) leaves a non-finite
+        # tap, and then PyTorch's own backward decides which taps are (one check of the small result, not the inputs)
+        if bool(out.isfinite().all()):
+            return out.to(weight.dtype)
     return _native(grad, x, weight, padding, stride, 1, algo == 'native_fp32')
 
 

@@ -11,14 +11,18 @@ multiply-adds of the direct conv. The band is the same for every tile, so it doe
 but a band per image width.
 
 Backward is the same grouped conv's: the input gradient is the forward with the flipped kernel, the kernel gradient
-the band gradient summed along its diagonals.
+the band gradient summed along its diagonals. ``weight_grad_rows`` gets the whole-row band gradients from batched
+matmuls instead: for kernel row ``a``, the output gradient's rows against the input rows ``a`` further down, all
+channels in one ``bmm`` (on small maps its GEMMs are larger than the grouped conv's, per channel instead of per
+tile column).
 """
 from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['Tiling', 'tiling', 'band_weight', 'input_rows', 'output_rows', 'from_rows', 'conv', 'weight_grad']
+__all__ = ['Tiling', 'tiling', 'band_weight', 'input_rows', 'output_rows', 'from_rows', 'conv', 'weight_grad',
+           'weight_grad_rows']
 
 
 class Tiling(NamedTuple):
@@ -111,3 +115,26 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], pa
     padded = F.pad(grad_band, (t.shift, length - t.shift - t.cols)).contiguous()
     s = padded.stride()
     return padded.as_strided((c, kh, t.tile, kw), (s[0], s[1], length + 1, 1)).sum(2).unsqueeze(1)
+
+
+def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    """The kernel gradient (C, 1, kh, kw) of ``F.conv2d(x, weight, None, 1, padding, 1, C)``, in float32 at least.
+
+    ``band[a, c, j, v]`` sums ``grad[n, c, i, j] * x[n, c, i + a - ph, v]`` over images and output rows: with the rows
+    of every image side by side, ``(C, H + 2 ph, N, W)``, the input rows ``a`` below the output rows are one slice,
+    so each kernel row is one batched matmul over the channels. Tap ``b`` of kernel row ``a`` is the diagonal
+    ``v - j = b - pw`` of ``band[a]``.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    ph, pw = padding
+    out_h, out_w = grad.shape[-2:]
+    rows = x.new_zeros((c, h + 2 * ph, n, w))
+    rows[:, ph:ph + h].copy_(x.permute(1, 2, 0, 3))
+    grad_rows = grad.permute(1, 3, 2, 0).reshape(c, out_w, out_h * n)  # (C, W_out, H_out * N), one copy
+    band = grad.new_empty((kh, c, out_w, w))
+    for a in range(kh):
+        torch.bmm(grad_rows, rows[:, a:a + out_h].reshape(c, out_h * n, w), out=band[a])
+    band = band.to(torch.promote_types(band.dtype, torch.float32))
+    taps = torch.stack([band.diagonal(b - pw, -2, -1).sum(-1) for b in range(kw)], -1)  # (kh, C, kw)
+    return taps.transpose(0, 1).unsqueeze(1)
