@@ -43,7 +43,7 @@ __all__ = [
 #: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``).
 DWCONV_ALGORITHMS: Dict[str, tuple] = {
     'forward': ('direct', 'fft', 'toeplitz', 'direct_fp32'),
-    'input_grad': ('direct', 'fft', 'toeplitz', 'direct_fp32', 'native', 'native_fp32'),
+    'input_grad': ('direct', 'fft', 'toeplitz', 'direct_fp32', 'native', 'native_fp32', 'transposed', 'transposed_fp32'),
     'weight_grad': ('native', 'fft', 'toeplitz', 'rows', 'native_fp32'),
 }
 

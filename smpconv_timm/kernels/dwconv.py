@@ -9,6 +9,8 @@ runs a custom autograd function whose three stages each have candidates, all pla
   kernel is faster than its bf16 one on some CPUs);
 - input gradient: the forward conv with the flipped kernel by any forward candidate, or ``native``, PyTorch's
   own depthwise backward (up to 2x slower on channels-last CPU tensors), and ``native_fp32`` for bf16 / fp16;
+  ``transposed``, the transposed conv of the output gradient (it needs no input tensor: for bf16 / fp16 a strided
+  conv's ``transposed_fp32`` converts the small gradient only, where ``native_fp32`` converts the input too);
 - weight gradient: ``native``, PyTorch's own ``convolution_backward`` (on CPU up to 30x the forward time for
   31x31 kernels); ``fft``, the cross-correlation of input and output gradient by FFT; ``toeplitz``; ``rows``, the
   whole-row band gradients as one batched matmul over channels per kernel row (``toeplitz.weight_grad_rows``); and
@@ -140,9 +142,21 @@ def _native(grad, x, weight, padding, stride, which: int, fp32: bool):
         [which == 0, which == 1, False])[which].to(dtype)
 
 
+def _transposed(grad, weight, padding, stride, size, fp32: bool):
+    """The input gradient of the conv as ``F.conv_transpose2d`` of ``grad`` back to the input's spatial ``size``."""
+    dtype = grad.dtype
+    if fp32 and dtype in _HALF:
+        grad, weight = grad.float(), weight.float()
+    kh, kw = weight.shape[-2:]
+    extra = tuple(n - ((m - 1) * stride - 2 * p + k) for n, m, p, k in zip(size, grad.shape[-2:], padding, (kh, kw)))
+    return F.conv_transpose2d(grad, weight, None, stride, padding, extra, grad.shape[1]).to(dtype)
+
+
 def _input_grad(algo, grad, weight, padding, x, stride=1):
     if algo in ('native', 'native_fp32'):
         return _native(grad, x, weight, padding, stride, 0, algo == 'native_fp32')
+    if algo in ('transposed', 'transposed_fp32'):
+        return _transposed(grad, weight, padding, stride, x.shape[-2:], algo == 'transposed_fp32')
     kh, kw = weight.shape[-2:]
     return _forward(algo, grad, weight.flip(-2, -1), (kh - 1 - padding[0], kw - 1 - padding[1]))
 
@@ -178,7 +192,8 @@ def variants(algo: str) -> Tuple[str, ...]:
 
 
 #: the algorithms of each stage of a strided depthwise conv (the others need stride 1)
-STRIDED = {'forward': ('direct', 'direct_fp32'), 'input_grad': ('native', 'native_fp32'),
+STRIDED = {'forward': ('direct', 'direct_fp32'),
+           'input_grad': ('native', 'native_fp32', 'transposed', 'transposed_fp32'),
            'weight_grad': ('native', 'native_fp32')}
 
 
