@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, check_architecture, check_fits, check_g
 from .download import hub_errors
 from .fold import bn_scale_shift, conv_like, fold_pre_bn, folds, fuse_bn, has_bn, low_precision, set_folded, to_eval
 from .kernels import FusedConv, TransientCaches, act_name, batch_split, begin_forward, bn_gelu_conv, cached_plan, \
-    compiled_eval, compiled_eval_applies, drop_plan, dwconv, end_forward, inference_path, recompute_applies
+    compiled_eval, compiled_eval_applies, drop_plan, dwconv, end_forward, inference_path, pointwise, recompute_applies
 from .layers import SMPConv2d, smp_kernel
 from .variants import VARIANTS
 
@@ -55,6 +55,14 @@ class DepthwiseConv2d(nn.Conv2d):
         return dwconv.depthwise_conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` run by ``pointwise.pointwise_conv2d``: in training, as oneDNN's conv or as the same matmul
+    by ``F.linear``, whichever is faster on this machine. Same parameters, state dict and values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise.pointwise_conv2d(x, self.weight, self.bias)
+
+
 class ConvNormAct(_PlanCache, nn.Module):
     """Bias-free conv + BatchNorm (+ ReLU); ``reparameterize()`` folds the BN into the conv."""
 
@@ -71,7 +79,10 @@ class ConvNormAct(_PlanCache, nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        conv_layer = DepthwiseConv2d if 1 < groups == in_chs == out_chs else nn.Conv2d
+        if 1 < groups == in_chs == out_chs:
+            conv_layer = DepthwiseConv2d
+        else:
+            conv_layer = PointwiseConv2d if kernel_size == 1 and stride == 1 and groups == 1 else nn.Conv2d
         self.conv = conv_layer(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False, **dd)
         self.bn = nn.BatchNorm2d(out_chs, **dd)
         self.act = act_layer() if act_layer is not None else nn.Identity()

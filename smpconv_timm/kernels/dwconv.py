@@ -212,7 +212,7 @@ def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Opti
     of two timed runs counts; the winner is kept per key and candidate set.
     """
     names = names or candidates(stage, key[1], key[-1])
-    fixed = config.dwconv_algorithms()[stage]
+    fixed = config.dwconv_algorithms().get(stage, 'auto')
     if fixed != 'auto' and (key[-1] == 1 or fixed in STRIDED[stage]):
         names = tuple(n for n in names if n == fixed or n.partition(':')[0] == fixed) or variants(fixed)
     if len(names) == 1:

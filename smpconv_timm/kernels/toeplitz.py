@@ -117,7 +117,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], pa
     return padded.as_strided((c, kh, t.tile, kw), (s[0], s[1], length + 1, 1)).sum(2).unsqueeze(1)
 
 
-def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int],
+                     padding: Tuple[int, int]) -> torch.Tensor:
     """The kernel gradient (C, 1, kh, kw) of ``F.conv2d(x, weight, None, 1, padding, 1, C)``, in float32 at least.
 
     ``band[a, c, j, v]`` sums ``grad[n, c, i, j] * x[n, c, i + a - ph, v]`` over images and output rows: with the rows
