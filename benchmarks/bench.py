@@ -60,9 +60,9 @@ def configure(form: str) -> None:
     config.set_inference_fast_path(not plain)
     config.set_training_recompute(not plain)
     if plain:
-        config.set_dwconv_algorithms(forward='direct', input_grad='native', weight_grad='native')
+        config.set_dwconv_algorithms(forward='direct', input_grad='native', weight_grad='native', pointwise='conv')
     else:
-        config.set_dwconv_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
+        config.set_dwconv_algorithms(forward='auto', input_grad='auto', weight_grad='auto', pointwise='auto')
 
 
 def build(name: str, form: str, device: str):

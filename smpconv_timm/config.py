@@ -16,8 +16,9 @@ training recomputation      ``SMPCONV_RECOMPUTE=0`` turns it off      on: the FF
                                                                       recomputed in backward (``kernels/recompute.py``)
 large depthwise conv        ``SMPCONV_DWCONV=forward=direct,...``     ``auto`` for each stage: the fastest
 algorithms                  (stages ``forward``, ``input_grad``,       candidate of ``kernels/dwconv.py`` per shape,
-                            ``weight_grad``; ``toeplitz:<tile>``      measured on the running machine
-                            fixes a tile too)
+                            ``weight_grad``, and ``pointwise`` for    measured on the running machine
+                            the 1x1 convs in training;
+                            ``toeplitz:<tile>`` fixes a tile too)
 eval cache budget           ``SMPCONV_EVAL_CACHE_MB=<MB>``            256: the weights the fast path has prepacked
                                                                       for input sizes other than the last one, in
                                                                       all models of the process together
@@ -29,7 +30,7 @@ imported                    (read by the installed hook, not here,    which regi
 =========================== ========================================= =========================================
 
 With the fast path and the recomputation off and ``set_dwconv_algorithms(forward='direct', input_grad='native',
-weight_grad='native')``, a model runs op for op what the authors' code runs.
+weight_grad='native', pointwise='conv')``, a model runs op for op what the authors' code runs.
 """
 import os
 from typing import Any, Dict
@@ -40,11 +41,13 @@ __all__ = [
     'HF_HUB_NAMESPACE',
 ]
 
-#: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``).
+#: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``), and of the 1x1
+#: convs in training.
 DWCONV_ALGORITHMS: Dict[str, tuple] = {
     'forward': ('direct', 'fft', 'toeplitz', 'direct_fp32'),
     'input_grad': ('direct', 'fft', 'toeplitz', 'direct_fp32', 'native', 'native_fp32', 'transposed', 'transposed_fp32'),
     'weight_grad': ('native', 'fft', 'toeplitz', 'rows', 'native_fp32'),
+    'pointwise': ('conv', 'linear'),  # the 1x1 convs in training (``kernels/pointwise.py``)
 }
 
 
@@ -152,9 +155,10 @@ def dwconv_algorithms() -> Dict[str, str]:
 
 
 class set_dwconv_algorithms(_Switch):
-    """Fix the algorithm of ``forward``, ``input_grad`` or ``weight_grad`` (``'auto'``: the fastest per shape).
+    """Fix the algorithm of ``forward``, ``input_grad`` or ``weight_grad``, or ``pointwise`` (``conv`` or ``linear``
+    for the 1x1 convs in training); ``'auto'``: the fastest per shape.
 
-    Stages not named keep their setting; as a context manager, all three are restored on exit.
+    Stages not named keep their setting; as a context manager, all are restored on exit.
     """
     _name = '_DWCONV'
 

@@ -43,3 +43,16 @@ def test_the_choice_is_timed_once_per_shape_and_nchw_or_eval_take_the_conv(monke
     with torch.no_grad():
         pointwise.pointwise_conv2d(x, weight, bias)
     assert len([k for k in dwconv._tuned if k[0] == 'pointwise']) == 2
+
+
+@pytest.mark.parametrize('fixed', pointwise.ALGORITHMS)
+def test_a_fixed_form_runs_untimed(monkeypatch, fixed):
+    from smpconv_timm import config
+    monkeypatch.setattr(dwconv, '_tuned', {})
+    ran = []
+    run = pointwise._run
+    monkeypatch.setattr(pointwise, '_run', lambda algo, *a: ran.append(algo) or run(algo, *a))
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with config.set_dwconv_algorithms(pointwise=fixed):
+        pointwise.pointwise_conv2d(x, torch.randn(9, 6, 1, 1), None).sum().backward()
+    assert ran == [fixed] and not dwconv._tuned

@@ -13,13 +13,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from . import dwconv
 from .runtime import autocast_dtype, is_tracing
 
 __all__ = ['pointwise_conv2d', 'ALGORITHMS']
 
-#: what ``pointwise_conv2d`` chooses from
-ALGORITHMS = ('conv', 'linear')
+#: what ``pointwise_conv2d`` chooses from (``config.set_dwconv_algorithms(pointwise=...)`` fixes one)
+ALGORITHMS = config.DWCONV_ALGORITHMS['pointwise']
 
 
 def _run(algo: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
