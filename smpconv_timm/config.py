@@ -37,18 +37,22 @@ from typing import Any, Dict
 
 __all__ = [
     'use_inference_fast_path', 'set_inference_fast_path', 'use_training_recompute', 'set_training_recompute',
-    'dwconv_algorithms', 'set_dwconv_algorithms', 'DWCONV_ALGORITHMS', 'eval_cache_mb', 'set_eval_cache_mb',
-    'HF_HUB_NAMESPACE',
+    'dwconv_algorithms', 'set_dwconv_algorithms', 'DWCONV_ALGORITHMS', 'POINTWISE_ALGORITHMS', 'eval_cache_mb',
+    'set_eval_cache_mb', 'HF_HUB_NAMESPACE',
 ]
 
-#: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``), and of the 1x1
-#: convs in training.
+#: The candidates of each stage of the large depthwise conv (implemented in ``kernels/dwconv.py``).
 DWCONV_ALGORITHMS: Dict[str, tuple] = {
     'forward': ('direct', 'fft', 'toeplitz', 'direct_fp32'),
     'input_grad': ('direct', 'fft', 'toeplitz', 'direct_fp32', 'native', 'native_fp32', 'transposed', 'transposed_fp32'),
     'weight_grad': ('native', 'fft', 'toeplitz', 'rows', 'native_fp32'),
-    'pointwise': ('conv', 'linear'),  # the 1x1 convs in training (``kernels/pointwise.py``)
 }
+
+#: The candidates of the 1x1 convs in training (``kernels/pointwise.py``), fixed by the same switch as stage
+#: ``pointwise``.
+POINTWISE_ALGORITHMS = ('conv', 'linear')
+
+_CONV_STAGES: Dict[str, tuple] = {**DWCONV_ALGORITHMS, 'pointwise': POINTWISE_ALGORITHMS}
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -79,21 +83,21 @@ def _check_megabytes(mb: float) -> float:
 
 def _check_dwconv(choice: Dict[str, str]) -> Dict[str, str]:
     for stage, algo in choice.items():
-        if stage not in DWCONV_ALGORITHMS:
-            raise ValueError(f'unknown stage {stage!r}; stages: {", ".join(DWCONV_ALGORITHMS)}')
+        if stage not in _CONV_STAGES:
+            raise ValueError(f'unknown stage {stage!r}; stages: {", ".join(_CONV_STAGES)}')
         name, _, tile = str(algo).partition(':')
-        known = algo == 'auto' or (algo in DWCONV_ALGORITHMS[stage] if not tile else
-                                   name == 'toeplitz' and name in DWCONV_ALGORITHMS[stage] and tile.isdigit())
+        known = algo == 'auto' or (algo in _CONV_STAGES[stage] if not tile else
+                                   name == 'toeplitz' and name in _CONV_STAGES[stage] and tile.isdigit())
         if not known:
             raise ValueError(
-                f'unknown {stage} algorithm {algo!r}; choose auto, {", ".join(DWCONV_ALGORITHMS[stage])} '
+                f'unknown {stage} algorithm {algo!r}; choose auto, {", ".join(_CONV_STAGES[stage])} '
                 f'(toeplitz:<tile> fixes its tile too)')
     return choice
 
 
 def _env_dwconv() -> Dict[str, str]:
     spec = os.environ.get('SMPCONV_DWCONV', '').strip()
-    choice = {stage: 'auto' for stage in DWCONV_ALGORITHMS}
+    choice = {stage: 'auto' for stage in _CONV_STAGES}
     if spec:
         try:
             pairs = dict(item.strip().split('=', 1) for item in spec.split(','))

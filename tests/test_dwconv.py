@@ -17,8 +17,7 @@ SHAPES = [  # N, C, H, W, k, padding
 ]
 
 #: every (stage, candidate) pair, each tile of toeplitz apart; the other two stages stay at PyTorch's own algorithms
-STAGE_CANDIDATES = [(stage, v) for stage, algos in dwconv.ALGORITHMS.items() if stage != 'pointwise'
-                    for a in algos for v in dwconv.variants(a)]
+STAGE_CANDIDATES = [(stage, v) for stage, algos in dwconv.ALGORITHMS.items() for a in algos for v in dwconv.variants(a)]
 PLAIN = dict(forward='direct', input_grad='native', weight_grad='native')
 
 

@@ -165,15 +165,15 @@ def _weight_grad(algo, x, grad, weight, padding, stride=1):
     kernel = tuple(weight.shape[-2:])
     if algo == 'fft':
         return _weight_grad_fft(x, grad, kernel, padding).to(weight.dtype)
-    if algo.startswith('toeplitz') or algo == 'rows':
-        if algo == 'rows':
-            out = toeplitz.weight_grad_rows(x, grad, kernel, padding)
-        else:
-            out = toeplitz.weight_grad(x, grad, kernel, padding, tile_of(algo))
-        # finite inputs give a finite result; a NaN or inf in them (or padding zeros times an inf) leaves a non-finite
-        # tap, and then PyTorch's own backward decides which taps are (one check of the small result, not the inputs)
-        if bool(out.isfinite().all()):
-            return out.to(weight.dtype)
+    out = None
+    if algo == 'rows':
+        out = toeplitz.weight_grad_rows(x, grad, kernel, padding)
+    elif algo.startswith('toeplitz'):
+        out = toeplitz.weight_grad(x, grad, kernel, padding, tile_of(algo))
+    # finite inputs give a matrix form a finite result; a NaN or inf in them (or padding zeros times an inf) leaves a
+    # non-finite tap, and then PyTorch's own backward decides which taps are (one check of the small result)
+    if out is not None and bool(out.isfinite().all()):
+        return out.to(weight.dtype)
     return _native(grad, x, weight, padding, stride, 1, algo == 'native_fp32')
 
 
@@ -212,7 +212,7 @@ def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Opti
     of two timed runs counts; the winner is kept per key and candidate set.
     """
     names = names or candidates(stage, key[1], key[-1])
-    fixed = config.dwconv_algorithms().get(stage, 'auto')
+    fixed = config.dwconv_algorithms()[stage]
     if fixed != 'auto' and (key[-1] == 1 or fixed in STRIDED[stage]):
         names = tuple(n for n in names if n == fixed or n.partition(':')[0] == fixed) or variants(fixed)
     if len(names) == 1:

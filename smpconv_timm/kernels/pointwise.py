@@ -20,7 +20,7 @@ from .runtime import autocast_dtype, is_tracing
 __all__ = ['pointwise_conv2d', 'ALGORITHMS']
 
 #: what ``pointwise_conv2d`` chooses from (``config.set_dwconv_algorithms(pointwise=...)`` fixes one)
-ALGORITHMS = config.DWCONV_ALGORITHMS['pointwise']
+ALGORITHMS = config.POINTWISE_ALGORITHMS
 
 
 def _run(algo: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
