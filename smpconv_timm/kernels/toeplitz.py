@@ -46,13 +46,17 @@ def tiling(width: int, kw: int, pad: int, tile: int) -> Tiling:
 
 
 def band_weight(weight: torch.Tensor, t: Tiling) -> torch.Tensor:
-    """A depthwise kernel (C, 1, kh, kw) as the grouped-conv weight (C * tile, cols, kh, 1), channels-last."""
+    """A depthwise kernel (C, 1, kh, kw) as the grouped-conv weight (C * tile, cols, kh, 1), channels-last.
+
+    Band row ``j`` of kernel row ``a`` is the kernel row shifted right by ``j``: a window of ``cols`` taps of the
+    zero-padded kernel row, starting ``j`` taps further left for each next ``j``. One indexed copy of the windows
+    (a view) writes the band in the grouped conv's channels-last order, (C, tile, kh, cols)."""
     c, _, kh, kw = weight.shape
-    tap = torch.arange(t.cols, device=weight.device)[None, :] - torch.arange(t.tile, device=weight.device)[:, None]
-    tap = tap + t.shift
-    inside = (tap >= 0) & (tap < kw)
-    band = torch.where(inside, weight[:, 0][:, :, tap.clamp(0, kw - 1)], weight.new_zeros(()))  # (C, kh, tile, cols)
-    return band.permute(0, 2, 3, 1).reshape(c * t.tile, t.cols, kh, 1).contiguous(memory_format=torch.channels_last)
+    left, right = max(0, t.tile - 1 - t.shift), max(0, t.cols + t.shift - kw)
+    windows = F.pad(weight[:, 0], (left, right)).unfold(2, t.cols, 1)  # (C, kh, windows, cols)
+    start = torch.arange(t.shift + left, t.shift + left - t.tile, -1, device=weight.device)  # band row j's window
+    band = windows.permute(0, 2, 1, 3)[:, start]  # (C, tile, kh, cols)
+    return band.reshape(c * t.tile, kh, 1, t.cols).permute(0, 3, 1, 2)
 
 
 def _rows(x: torch.Tensor, cols: int, step: int, left: int, right: int) -> torch.Tensor:
