@@ -104,15 +104,18 @@ def test_gradcheck_float64(stage, algo):
     assert torch.autograd.gradcheck(lambda *a: dwconv.depthwise_conv2d(*a, 1, 2), (x, weight, bias))
 
 
+@pytest.mark.parametrize('pad', [0, 2, 4])
 @pytest.mark.parametrize('tile', [0, 2, 3])
-def test_band_weight_is_the_kernel_as_banded_matrices(tile):
+def test_band_weight_is_the_kernel_as_banded_matrices(tile, pad):
     """Row a of the band of channel c maps the input columns of one tile (or a whole row) to the row convolved with
     kernel row a."""
     torch.manual_seed(0)
-    c, k, width, pad = 3, 5, 9, 2
+    c, k, width = 3, 5, 9
     weight = torch.randn(c, 1, k, k, dtype=torch.float64)
     t = toeplitz.tiling(width, k, pad, tile)
-    band = toeplitz.band_weight(weight, t).reshape(c, t.tile, t.cols, k)  # (C, tile, cols, kh)
+    band = toeplitz.band_weight(weight, t)
+    assert band.shape == (c * t.tile, t.cols, k, 1) and band.is_contiguous(memory_format=torch.channels_last)
+    band = band.reshape(c, t.tile, t.cols, k)  # (C, tile, cols, kh)
     row = torch.randn(width, dtype=torch.float64)
     padded = F.pad(row, (t.left, t.right))
     for ch in range(c):
