@@ -41,7 +41,7 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if is_tracing() or not _applies(x):
         return F.conv2d(x, weight, bias)
     dtype = autocast_dtype(x.device.type) or x.dtype
-    key = (x.device.type, dtype, tuple(x.shape), tuple(weight.shape), bias is not None, 1)
+    key = (x.device.type, dtype, tuple(x.shape), tuple(weight.shape), bias is not None, 1)  # ends with the stride
 
     def fwd_bwd(algo: str) -> torch.Tensor:
         xx, ww = x.detach().requires_grad_(), weight.detach().requires_grad_()

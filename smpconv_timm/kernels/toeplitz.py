@@ -134,7 +134,9 @@ def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int
     kh, kw = kernel
     ph, pw = padding
     out_h, out_w = grad.shape[-2:]
-    rows = x.new_zeros((c, h + 2 * ph, n, w))
+    rows = x.new_empty((c, h + 2 * ph, n, w))
+    rows[:, :ph].zero_()
+    rows[:, ph + h:].zero_()
     rows[:, ph:ph + h].copy_(x.permute(1, 2, 0, 3))
     grad_rows = grad.permute(1, 3, 2, 0).reshape(c, out_w, out_h * n)  # (C, W_out, H_out * N), one copy
     band = grad.new_empty((kh, c, out_w, w))
