@@ -46,10 +46,15 @@ def release_state_dict(make_weights, golden_dir, variant: str, salt: str = ''):
     return {k: torch.from_numpy(v) for k, v in make_weights.make_state_dict(str(manifest), salt).items()}
 
 
+#: release checkpoints built in this run: tests/ and hub/tests/ each register the fixtures of this module, and pytest
+#: runs a session fixture once per registration; the files are the same, so both share them
+_RELEASE_PATHS = {}
+
+
 @pytest.fixture(scope='session')
 def release_checkpoint(make_weights, golden_dir, tmp_path_factory):
     """Path of a release-format checkpoint ({'model', 'model_ema', 'epoch'}) for 't' or 'b', built once."""
-    paths = {}
+    paths = _RELEASE_PATHS
 
     def get(variant: str) -> Path:
         if variant not in paths:

@@ -104,9 +104,15 @@ def published(local_hub, release_checkpoint, tmp_path_factory):
     return folder
 
 
+_FOLDER_B = []  # built once per run although tests/ and hub/tests/ each register this fixture (files only, no Hub)
+
+
 @pytest.fixture(scope='session')
 def folder_b(release_checkpoint, tmp_path_factory):
-    return build_hub_folder(release_checkpoint('b'), tmp_path_factory.mktemp('hub_b') / 'smpconv_b.in1k', log=print)
+    if not _FOLDER_B:
+        _FOLDER_B.append(build_hub_folder(
+            release_checkpoint('b'), tmp_path_factory.mktemp('hub_b') / 'smpconv_b.in1k', log=print))
+    return _FOLDER_B[0]
 
 
 @pytest.fixture
