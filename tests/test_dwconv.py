@@ -142,6 +142,26 @@ def test_matrix_weight_grads_leave_non_finite_inputs_to_pytorch(algo):
         torch.testing.assert_close(got, ref, equal_nan=True, msg=lambda m: f'{algo} {where}={value}: {m}')
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The one-reduction check behind the matrix form's guard: False for any NaN / inf (a single one, or +inf and
+    -inf together), True for finite tensors, float16 ones whose sum overflows float16 included."""
+    from smpconv_timm.kernels.runtime import all_finite
+    torch.manual_seed(0)
+    big = torch.finfo(torch.float16).max / 2
+    finite = [torch.randn(2, 3, 7, 9), torch.full((4096,), big), torch.zeros(0), torch.randn(5, 6).mul(100).contiguous()]
+    for t in finite:
+        t = t.to(dtype)
+        assert t.isfinite().all() and all_finite(t) and all_finite(t.contiguous(memory_format=torch.channels_last)
+                                                                      if t.dim() == 4 else t.t() if t.dim() == 2 else t)
+    for values in ([float('nan')], [float('inf')], [-float('inf')], [float('inf'), -float('inf')]):
+        for _ in range(5):
+            t = torch.randn(2, 3, 7, 9).to(dtype)
+            for v in values:
+                t.view(-1)[torch.randint(t.numel(), ())] = v
+            assert not t.isfinite().all() and not all_finite(t), values
+
+
 def test_auto_choice_is_measured_per_shape_and_overridable(monkeypatch):
     config.set_dwconv_algorithms(forward='auto', input_grad='auto', weight_grad='auto')
     monkeypatch.setattr(dwconv, '_tuned', {})

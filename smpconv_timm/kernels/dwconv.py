@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import config
 from . import toeplitz
-from .runtime import autocast_dtype, is_tracing
+from .runtime import all_finite, autocast_dtype, is_tracing
 
 __all__ = ['depthwise_conv2d', 'layout', 'variants', 'candidates', 'pick', 'tile_of', 'crop_kernel', 'crop_taps',
            'ALGORITHMS', 'STRIDED', 'TOEPLITZ_TILES']
@@ -118,7 +118,7 @@ def tile_of(algo: str) -> int:
 def matrix_form_applies(*tensors: torch.Tensor) -> bool:
     """The matrix form multiplies every input of a tile by the band's zeros too: a NaN or inf would reach outputs
     the direct conv never lets it reach, so non-finite tensors take the direct conv instead."""
-    return all(bool(t.isfinite().all()) for t in tensors)
+    return all(all_finite(t) for t in tensors)
 
 
 def _forward(algo, x, weight, padding, stride=1):
@@ -172,7 +172,7 @@ def _weight_grad(algo, x, grad, weight, padding, stride=1):
         out = toeplitz.weight_grad(x, grad, kernel, padding, tile_of(algo))
     # finite inputs give a matrix form a finite result; a NaN or inf in them (or padding zeros times an inf) leaves a
     # non-finite tap, and then PyTorch's own backward decides which taps are (one check of the small result)
-    if out is not None and bool(out.isfinite().all()):
+    if out is not None and all_finite(out):
         return out.to(weight.dtype)
     return _native(grad, x, weight, padding, stride, 1, algo == 'native_fp32')
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .. import config
 from . import dwconv, toeplitz
 from .dwconv import crop_kernel, depthwise_conv2d
-from .runtime import autocast_dtype, fold_mode, is_fx_tracing, is_tracing, release_free_memory
+from .runtime import all_finite, autocast_dtype, fold_mode, is_fx_tracing, is_tracing, release_free_memory
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'begin_forward', 'end_forward',
            'compiled_eval_applies', 'compiled_eval', 'batch_split', 'SPLIT_BYTES']
@@ -194,7 +194,7 @@ def begin_forward(module: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, boo
         return None
     previous = getattr(_STATE, 'finite', False)
     _STATE.finite = bool(inference_path(module, x) and x.is_floating_point() and _finite_weights(module)
-                         and torch.isfinite(x).all())
+                         and all_finite(x))
     return _CACHE.packs_built, previous
 
 

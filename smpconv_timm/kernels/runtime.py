@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .._compat import is_fx_symbolic_tracing as _is_fx_tracing
 
-__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'fold_mode', 'release_free_memory', 'TransientCaches',
-           'CACHE_ATTRS']
+__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'all_finite', 'fold_mode', 'release_free_memory',
+           'TransientCaches', 'CACHE_ATTRS']
 
 
 def is_fx_tracing() -> bool:
@@ -38,6 +38,14 @@ def autocast_dtype(device_type: str):
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except RuntimeError:  # no autocast for this device type
         return None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True where ``t`` holds no NaN or inf, or possibly False where it does not but its sum overflows (callers take
+    their safe path then). One reduction: ``t.isfinite().all()`` makes three passes and two masks, 5x to 30x slower on
+    activations. A NaN or inf term makes the sum NaN or inf; float16 sums in float32, where its sums do not overflow."""
+    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    return bool(total.isfinite())
 
 
 @contextlib.contextmanager
