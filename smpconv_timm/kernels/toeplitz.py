@@ -14,8 +14,9 @@ Backward is the same grouped conv's: the input gradient is the forward with the 
 the band gradient summed along its diagonals. ``weight_grad_rows`` gets the whole-row band gradients from batched
 matmuls instead: for kernel row ``a``, the output gradient's rows against the input rows ``a`` further down, all
 channels in one ``bmm`` (on small maps its GEMMs are larger than the grouped conv's, per channel instead of per
-tile column).
+tile column), and all their diagonal sums as one more matmul.
 """
+import functools
 from typing import NamedTuple, Tuple
 
 import torch
@@ -121,6 +122,15 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], pa
     return padded.as_strided((c, kh, t.tile, kw), (s[0], s[1], length + 1, 1)).sum(2).unsqueeze(1)
 
 
+@functools.lru_cache(maxsize=32)
+def _diagonals(out_w: int, w: int, kw: int, pw: int, device: torch.device) -> torch.Tensor:
+    """(out_w * w, kw) float32, 1 where entry (j, v) of an (out_w, w) matrix lies on the diagonal of tap
+    b = v - j + pw, else 0: a flattened matrix times this sums its diagonals (tiny: 0.4 MB for a 56-wide map)."""
+    tap = (torch.arange(w, device=device) - torch.arange(out_w, device=device)[:, None] + pw).flatten()
+    on_kernel = (tap >= 0) & (tap < kw)
+    return F.one_hot(tap.where(on_kernel, kw), kw + 1)[:, :kw].float()
+
+
 def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int],
                      padding: Tuple[int, int]) -> torch.Tensor:
     """The kernel gradient (C, 1, kh, kw) of ``F.conv2d(x, weight, None, 1, padding, 1, C)``, in float32 at least.
@@ -128,7 +138,7 @@ def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int
     ``band[a, c, j, v]`` sums ``grad[n, c, i, j] * x[n, c, i + a - ph, v]`` over images and output rows: with the rows
     of every image side by side, ``(C, H + 2 ph, N, W)``, the input rows ``a`` below the output rows are one slice,
     so each kernel row is one batched matmul over the channels. Tap ``b`` of kernel row ``a`` is the diagonal
-    ``v - j = b - pw`` of ``band[a]``.
+    ``v - j = b - pw`` of ``band[a]``, summed for every row, channel and tap at once by one matmul (``_diagonals``).
     """
     n, c, h, w = x.shape
     kh, kw = kernel
@@ -142,6 +152,6 @@ def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int
     band = grad.new_empty((kh, c, out_w, w))
     for a in range(kh):
         torch.bmm(grad_rows, rows[:, a:a + out_h].reshape(c, out_h * n, w), out=band[a])
-    band = band.to(torch.promote_types(band.dtype, torch.float32))
-    taps = torch.stack([band.diagonal(b - pw, -2, -1).sum(-1) for b in range(kw)], -1)  # (kh, C, kw)
-    return taps.transpose(0, 1).unsqueeze(1)
+    band = band.to(torch.promote_types(band.dtype, torch.float32)).view(kh * c, out_w * w)
+    taps = band @ _diagonals(out_w, w, kw, pw, band.device).to(band.dtype)  # (kh * C, kw)
+    return taps.view(kh, c, kw).transpose(0, 1).unsqueeze(1)
