@@ -101,6 +101,15 @@ def conv(x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int], tile: 
     return from_rows(out, t, _layout(x))
 
 
+@functools.lru_cache(maxsize=32)
+def _diagonals(out_w: int, w: int, kw: int, pw: int, device: torch.device) -> torch.Tensor:
+    """(out_w * w, kw) float32, 1 where entry (j, v) of an (out_w, w) matrix lies on the diagonal of tap
+    b = v - j + pw, else 0: a flattened matrix times this sums its diagonals (tiny: 0.4 MB for a 56-wide map)."""
+    tap = (torch.arange(w, device=device) - torch.arange(out_w, device=device)[:, None] + pw).flatten()
+    on_kernel = (tap >= 0) & (tap < kw)
+    return F.one_hot(tap.where(on_kernel, kw), kw + 1)[:, :kw].float()
+
+
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], padding: Tuple[int, int],
                 tile: int) -> torch.Tensor:
     """The kernel gradient (C, 1, kh, kw) of ``conv``, in float32 at least."""
@@ -112,23 +121,11 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], pa
     band_grad = torch.ops.aten.convolution_backward(
         output_rows(grad, t), input_rows(x, t), band_like, None, [1, 1], [padding[0], 0], [1, 1], False, [0, 0], c,
         [False, True, False])[1]
-    # the band's diagonals: column v + shift of row j holds tap (v + shift) - j; in rows `length` long, the taps
-    # b of rows j sit at j * (length + 1) + b
+    # the band's diagonals: column v of band row j holds tap v - j + shift
     grad_band = band_grad.reshape(c, t.tile, t.cols, kh).permute(0, 3, 1, 2)
-    grad_band = grad_band.to(torch.promote_types(grad_band.dtype, torch.float32))
-    length = max(t.shift + t.cols, t.tile + kw - 1)
-    padded = F.pad(grad_band, (t.shift, length - t.shift - t.cols)).contiguous()
-    s = padded.stride()
-    return padded.as_strided((c, kh, t.tile, kw), (s[0], s[1], length + 1, 1)).sum(2).unsqueeze(1)
-
-
-@functools.lru_cache(maxsize=32)
-def _diagonals(out_w: int, w: int, kw: int, pw: int, device: torch.device) -> torch.Tensor:
-    """(out_w * w, kw) float32, 1 where entry (j, v) of an (out_w, w) matrix lies on the diagonal of tap
-    b = v - j + pw, else 0: a flattened matrix times this sums its diagonals (tiny: 0.4 MB for a 56-wide map)."""
-    tap = (torch.arange(w, device=device) - torch.arange(out_w, device=device)[:, None] + pw).flatten()
-    on_kernel = (tap >= 0) & (tap < kw)
-    return F.one_hot(tap.where(on_kernel, kw), kw + 1)[:, :kw].float()
+    grad_band = grad_band.to(torch.promote_types(grad_band.dtype, torch.float32)).reshape(c * kh, t.tile * t.cols)
+    taps = grad_band @ _diagonals(t.tile, t.cols, kw, t.shift, grad_band.device).to(grad_band.dtype)
+    return taps.view(c, 1, kh, kw)
 
 
 def weight_grad_rows(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int],
