@@ -51,6 +51,7 @@ def test_full_chain_download_then_offline(published, local_hub, fresh_cache, mon
     assert len(local_hub.requests) == before
 
 
+@pytest.mark.slow  # two fresh interpreters, ~15 s on 2 cores
 def test_environment_variables_and_namespace_override(published, local_hub, golden, make_weights, tmp_path,
                                                       monkeypatch):
     """A fork's namespace, HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE: fresh processes, as a user runs them, with the
@@ -234,6 +235,7 @@ def test_damaged_cache_is_refused_offline(published, local_hub, fresh_cache, mon
     assert not blob.exists()
 
 
+@pytest.mark.slow  # builds the SMPConv-B hub folder (~20 s on 2 cores); smpconv_t's own checks run by default
 def test_weights_of_another_architecture_are_named(folder_b, local_hub, fresh_cache):
     # SMPConv-B weights in a repo smpconv_t reads
     local_hub.add_repo('mixup/smpconv_t.in1k', {

@@ -23,7 +23,7 @@ def load_release(path, variant, **kwargs):
         f'smpconv_{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
 
 
-@pytest.mark.parametrize('variant', ['t', 'b'])
+@pytest.mark.parametrize('variant', ['t', pytest.param('b', marks=pytest.mark.slow)])  # b: its release file, ~15 s
 @pytest.mark.parametrize('ema', [True, False])
 def test_golden_logits_through_the_user_path(release_checkpoint, golden, golden_input, variant, ema):
     model = load_release(release_checkpoint(variant), variant, **({} if ema else dict(pretrained_ema=False)))

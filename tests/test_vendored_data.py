@@ -127,6 +127,7 @@ def test_generated_values_follow_the_documented_ranges():
     assert np.abs(cat['weight_coord']).max() <= 0.6 and np.abs(cat['weight_coord']).max() > 0.59
 
 
+@pytest.mark.slow  # the maintainers' script over every vendored file, ~10 s on 2 cores
 def test_regen_digests_reproduces_the_recorded_files(shared, tmp_path):
     """The script on a reference folder rebuilt from the vendored files (and on the authors' one where present)."""
     stand_in = tmp_path / 'shared'

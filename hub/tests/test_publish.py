@@ -68,6 +68,7 @@ def test_converted_folder_is_a_timm_hub_repo(published, release_checkpoint, make
     assert 'num_classes=0' in blocks[2] and '(1, 768, 7, 7)' in blocks[2]
 
 
+@pytest.mark.slow  # SMPConv-B's release checkpoint converted (~25 s on 2 cores); smpconv_t's runs by default
 def test_smpconv_b_converts_to_the_golden_logits(folder_b, golden, golden_input):
     config = json.loads((folder_b.path / 'config.json').read_text())
     assert config['architecture'] == 'smpconv_b' and folder_b.weights == 'EMA' and folder_b.max_abs_diff == 0
@@ -141,6 +142,7 @@ def test_raw_weights_stay_out_of_the_default_repo(make_weights, golden_dir, tmp_
     assert _nothing_written(tmp_path, 'raw_only.pth')
 
 
+@pytest.mark.slow  # builds SMPConv-B's release checkpoint
 def test_checkpoint_of_another_variant_is_refused_before_writing(release_checkpoint, tmp_path, capsys):
     out = tmp_path / 'out'
     assert publish_main(['convert', str(release_checkpoint('b')), '--model', 'smpconv_t', '-o', str(out)]) == 2
