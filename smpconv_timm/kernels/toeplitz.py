@@ -122,8 +122,9 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: Tuple[int, int], pa
         output_rows(grad, t), input_rows(x, t), band_like, None, [1, 1], [padding[0], 0], [1, 1], False, [0, 0], c,
         [False, True, False])[1]
     # the band's diagonals: column v of band row j holds tap v - j + shift
-    grad_band = band_grad.reshape(c, t.tile, t.cols, kh).permute(0, 3, 1, 2)
-    grad_band = grad_band.to(torch.promote_types(grad_band.dtype, torch.float32)).reshape(c * kh, t.tile * t.cols)
+    grad_band = band_grad.reshape(c, t.tile, t.cols, kh).permute(0, 3, 1, 2)  # (C, kh, tile, cols)
+    grad_band = grad_band.to(torch.promote_types(grad_band.dtype, torch.float32), memory_format=torch.contiguous_format)
+    grad_band = grad_band.reshape(c * kh, t.tile * t.cols)  # one copy in all: the dtype and the layout together
     taps = grad_band @ _diagonals(t.tile, t.cols, kw, t.shift, grad_band.device).to(grad_band.dtype)
     return taps.view(c, 1, kh, kw)
 
