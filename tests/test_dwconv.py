@@ -149,11 +149,11 @@ def test_all_finite_agrees_with_isfinite(dtype):
     from smpconv_timm.kernels.runtime import all_finite
     torch.manual_seed(0)
     big = torch.finfo(torch.float16).max / 2
-    finite = [torch.randn(2, 3, 7, 9), torch.full((4096,), big), torch.zeros(0), torch.randn(5, 6).mul(100).contiguous()]
+    x, m = torch.randn(2, 3, 7, 9).to(dtype), torch.randn(5, 6).mul(100).to(dtype)
+    finite = [x, x.contiguous(memory_format=torch.channels_last), m, m.t(), torch.full((4096,), big).to(dtype),
+              torch.zeros(0, dtype=dtype)]
     for t in finite:
-        t = t.to(dtype)
-        assert t.isfinite().all() and all_finite(t) and all_finite(t.contiguous(memory_format=torch.channels_last)
-                                                                      if t.dim() == 4 else t.t() if t.dim() == 2 else t)
+        assert t.isfinite().all() and all_finite(t)
     for values in ([float('nan')], [float('inf')], [-float('inf')], [float('inf'), -float('inf')]):
         for _ in range(5):
             t = torch.randn(2, 3, 7, 9).to(dtype)
