@@ -50,8 +50,10 @@ class _BnGeluConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, bn_weight, bn_bias, conv_weight, mean, invstd = ctx.saved_tensors
-        shape = (1, -1, 1, 1)
-        normed = torch.addcmul(bn_bias.reshape(shape), x - mean.reshape(shape), (invstd * bn_weight).reshape(shape))
+        # x * scale + shift in one pass, the form PyTorch's batch-norm forward computes on CPU
+        scale = invstd * bn_weight
+        shift = bn_bias - mean * scale
+        normed = torch.addcmul(shift.reshape(1, -1, 1, 1), x, scale.reshape(1, -1, 1, 1))
         hidden = F.gelu(normed)
         grad_hidden, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
             grad, hidden, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
