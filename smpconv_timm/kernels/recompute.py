@@ -42,7 +42,9 @@ class _BnGeluConv(torch.autograd.Function):
     def forward(ctx, x, bn_weight, bn_bias, conv_weight, running_mean, running_var, momentum, eps):
         normed, mean, invstd = torch.ops.aten.native_batch_norm(
             x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
-        out = F.conv2d(F.gelu(normed), conv_weight)
+        # GELU in place: the normalised tensor is needed only as its input, and a 4x-wide tensor not allocated
+        # is one whose fresh pages are not faulted in (glibc maps each allocation above 32 MB anew)
+        out = F.conv2d(torch.ops.aten.gelu_(normed), conv_weight)
         ctx.save_for_backward(x, bn_weight, bn_bias, conv_weight, mean, invstd)
         ctx.eps = eps
         return out
@@ -57,8 +59,7 @@ class _BnGeluConv(torch.autograd.Function):
         hidden = F.gelu(normed)
         grad_hidden, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
             grad, hidden, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-        del hidden
-        grad_normed = torch.ops.aten.gelu_backward(grad_hidden, normed)
+        grad_normed = torch.ops.aten.gelu_backward.grad_input(grad_hidden, normed, grad_input=hidden)
         del normed, grad_hidden
         grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
             grad_normed, x, bn_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
