@@ -21,7 +21,7 @@ with its min-max spread.
 Eval: latency per batch (bs 1, 16, 224x224, median of repeats) and throughput. Train: one step of
 forward + backward + AdamW step (bs 8, 32), each model in a fresh process so that its peak memory is its
 own: peak resident memory (CPU) or peak allocated memory (CUDA) during the steps, minus what the process
-held before the first step. Ratios are to the baseline ConvNeXt of the same size measured in this run.
+held before the first step, and on CPU the pages faulted in per step (``docs/switches.md``). Ratios are to the baseline ConvNeXt of the same size measured in this run.
 The large-kernel table gives the achieved GFLOP/s of the stage-wise 31/29/27/13 depthwise convs
 against a 2048^3 matmul in the same process, the machine's practical limit, and one matmul shape timed as
 ConvNeXt runs it (``nn.Linear``) and as our blocks do (a 1x1 conv): which library PyTorch picks for each moves
@@ -108,9 +108,13 @@ def train_step_worker(name: str, form: str, batch: int, device: str, reps: int) 
         before = torch.cuda.memory_allocated()
     else:
         before = _rss_bytes()
-    ms = median_ms(step, device, warmup=1, reps=reps)
+    step()  # warm-up
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ms = median_ms(step, device, warmup=0, reps=reps)
+    # pages the process faulted in per timed step (CPU): glibc maps every allocation above 32 MB afresh
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / reps
     peak = torch.cuda.max_memory_allocated() if device == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {'ms': ms, 'peak_mb': (peak - before) / 2 ** 20}
+    return {'ms': ms, 'peak_mb': (peak - before) / 2 ** 20, 'page_faults': None if device == 'cuda' else faults}
 
 
 def _rss_bytes() -> int:
@@ -245,8 +249,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['smpconv_t', 'smpconv_b'], choices=list(BASELINES))
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--eval-batches', type=int, nargs='+', default=[1, 16])
-    parser.add_argument('--train-batches', type=int, nargs='+', default=[8, 32])
+    parser.add_argument('--eval-batches', type=int, nargs='*', default=[1, 16], help='none: no eval rows')
+    parser.add_argument('--train-batches', type=int, nargs='*', default=[8, 32], help='none: no train rows')
     parser.add_argument('--reps', type=int, default=5, help='timed repeats for bs <= 8; fewer for larger batches')
     parser.add_argument('--skip-release-train', action='store_true', help='skip the slow release-form train steps')
     parser.add_argument('--skip-modes', action='store_true', help='skip the bf16 / NCHW / AMP / shape / compile rows')
@@ -276,17 +280,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     if len(rows) > 1:
         print('## Eval (224x224)\n\n' + table(rows) + '\n')
 
-    rows = [['model', 'form', 'batch', 'ms / step', 'x baseline', 'step memory MB', 'x baseline']]
+    rows = [['model', 'form', 'batch', 'ms / step', 'x baseline', 'step memory MB', 'x baseline', 'page faults / step']]
+    faults = lambda r: '-' if r['page_faults'] is None else f'{r["page_faults"]:.0f}'
     for name in args.models:
         base = BASELINES[name]
         for bs in args.train_batches:
             b = train_step(base, 'train form', bs, args.device, reps(bs))
-            rows.append([base, 'baseline', str(bs), f'{b["ms"]:.0f}', '1.00', f'{b["peak_mb"]:.0f}', '1.00'])
+            rows.append([base, 'baseline', str(bs), f'{b["ms"]:.0f}', '1.00', f'{b["peak_mb"]:.0f}', '1.00', faults(b)])
             forms = ('train form',) if args.skip_release_train else ('release', 'release-cl', 'train form')
             for form in forms:
                 r = train_step(name, form, bs, args.device, min(reps(bs), 3) if form.startswith('release') else reps(bs))
                 rows.append([name, form, str(bs), f'{r["ms"]:.0f}', f'{r["ms"] / b["ms"]:.2f}', f'{r["peak_mb"]:.0f}',
-                             f'{r["peak_mb"] / b["peak_mb"]:.2f}'])
+                             f'{r["peak_mb"] / b["peak_mb"]:.2f}', faults(r)])
                 results['train'].append(dict(model=name, form=form, batch=bs, **r, baseline=b))
     if len(rows) > 1:
         print('## Train step (forward + backward + AdamW, 224x224)\n\n' + table(rows) + '\n')
