@@ -21,7 +21,8 @@ with its min-max spread.
 Eval: latency per batch (bs 1, 16, 224x224, median of repeats) and throughput. Train: one step of
 forward + backward + AdamW step (bs 8, 32), each model in a fresh process so that its peak memory is its
 own: peak resident memory (CPU) or peak allocated memory (CUDA) during the steps, minus what the process
-held before the first step, and on CPU the pages faulted in per step (``docs/switches.md``). Ratios are to the baseline ConvNeXt of the same size measured in this run.
+held before the first step, and on CPU the pages faulted in per step (``docs/switches.md``). Ratios are to
+the baseline ConvNeXt of the same size measured in this run.
 The large-kernel table gives the achieved GFLOP/s of the stage-wise 31/29/27/13 depthwise convs
 against a 2048^3 matmul in the same process, the machine's practical limit, and one matmul shape timed as
 ConvNeXt runs it (``nn.Linear``) and as our blocks do (a 1x1 conv): which library PyTorch picks for each moves
