@@ -110,10 +110,10 @@ def train_step_worker(name: str, form: str, batch: int, device: str, reps: int) 
     else:
         before = _rss_bytes()
     step()  # warm-up
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     ms = median_ms(step, device, warmup=0, reps=reps)
     # pages the process faulted in per timed step (CPU): glibc maps every allocation above 32 MB afresh
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / reps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / reps
     peak = torch.cuda.max_memory_allocated() if device == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {'ms': ms, 'peak_mb': (peak - before) / 2 ** 20, 'page_faults': None if device == 'cuda' else faults}
 
