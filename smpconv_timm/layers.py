@@ -67,7 +67,9 @@ class SMPConv2d(TransientCaches, nn.Module):
         kernel_size: Size of the kernel grid the points are sampled on.
         n_points: Number of points, ``kernel_size ** 2 // 4`` by default.
         stride: Conv stride.
-        padding: Conv padding, ``kernel_size // 2`` by default.
+        padding: Conv padding, ``dilation * (kernel_size // 2)`` by default (the output keeps the input's size).
+        dilation: Conv dilation: the kernel's taps ``dilation`` pixels apart (the points and the kernel grid are
+            the same; only where the taps land changes).
         bias: Add a learnable per-channel bias.
     """
 
@@ -79,18 +81,21 @@ class SMPConv2d(TransientCaches, nn.Module):
             stride: int = 1,
             padding: Optional[int] = None,
             bias: bool = False,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if kernel_size < 1 or channels < 1:
-            raise ValueError(f'SMPConv2d needs channels >= 1 and kernel_size >= 1, got {channels}, {kernel_size}')
+        if kernel_size < 1 or channels < 1 or dilation < 1:
+            raise ValueError(f'SMPConv2d needs channels >= 1, kernel_size >= 1 and dilation >= 1, got {channels}, '
+                             f'{kernel_size}, {dilation}')
         self.channels = self.in_channels = self.out_channels = self.groups = channels
         self.kernel_size = kernel_size
         self.n_points = n_points or max(1, kernel_size * kernel_size // 4)
         self.stride = stride
-        self.padding = kernel_size // 2 if padding is None else padding
+        self.dilation = dilation
+        self.padding = dilation * (kernel_size // 2) if padding is None else padding
         self.weight_coord = nn.Parameter(torch.empty(1, self.n_points, 2, **dd))
         self.radius = nn.Parameter(torch.empty(1, self.n_points, 1, 1, **dd))
         self.weights = nn.Parameter(torch.empty(1, channels, self.n_points, **dd))
@@ -109,6 +114,7 @@ class SMPConv2d(TransientCaches, nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault('dilation', 1)  # pickled before dilation existed
         _LIVE_LAYERS.add(self)  # copies (deepcopy, pickle) are trained too, e.g. after reparameterize_model
 
     def train(self, mode: bool = True):
@@ -151,11 +157,13 @@ class SMPConv2d(TransientCaches, nn.Module):
                     f'SMPConv2d({self.channels}) expects (N, {self.channels}, H, W) input, got {tuple(x.shape)}')
             if not x.is_floating_point():
                 raise TypeError(f'SMPConv2d expects a floating-point input, got dtype {x.dtype}')
-        return dwconv.depthwise_conv2d(x, self._kernel(), self.bias, self.stride, self.padding)
+        return dwconv.depthwise_conv2d(x, self._kernel(), self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         s = f'{self.channels}, kernel_size={self.kernel_size}, n_points={self.n_points}, stride={self.stride}'
         s += f', padding={self.padding}'
+        if self.dilation != 1:
+            s += f', dilation={self.dilation}'
         return s + (', bias=True' if self.bias is not None else '')
 
 

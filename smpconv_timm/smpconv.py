@@ -52,7 +52,7 @@ class DepthwiseConv2d(nn.Conv2d):
     PyTorch's own). Same parameters, state dict and values."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dwconv.depthwise_conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return dwconv.depthwise_conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], self.dilation[0])
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -74,6 +74,7 @@ class ConvNormAct(_PlanCache, nn.Module):
             stride: int = 1,
             groups: int = 1,
             act_layer: Optional[type] = None,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ):
@@ -83,7 +84,8 @@ class ConvNormAct(_PlanCache, nn.Module):
             conv_layer = DepthwiseConv2d
         else:
             conv_layer = PointwiseConv2d if kernel_size == 1 and stride == 1 and groups == 1 else nn.Conv2d
-        self.conv = conv_layer(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False, **dd)
+        self.conv = conv_layer(in_chs, out_chs, kernel_size, stride, dilation * (kernel_size // 2), dilation,
+                               groups=groups, bias=False, **dd)
         self.bn = nn.BatchNorm2d(out_chs, **dd)
         # in place, as timm's ConvNormAct: BatchNorm's backward needs its input, not its output, and at the stem's
         # 112x112 a training step allocates three 4.8 MB-per-image tensors fewer
@@ -96,7 +98,8 @@ class ConvNormAct(_PlanCache, nn.Module):
 
     def _fused_conv(self) -> FusedConv:
         conv = self.conv
-        return FusedConv(*self.folded(), conv.stride[0], conv.padding[0], conv.groups, act_name(self.act))
+        return FusedConv(*self.folded(), conv.stride[0], conv.padding[0], conv.groups, act_name(self.act),
+                         conv.dilation[0])
 
     def folded(self, pre_norm: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) with the BN folded in, and ``pre_norm``, a BatchNorm right before this 1x1 conv."""
@@ -128,16 +131,18 @@ class SmpLargeKernel(nn.Module):
             kernel_size: int,
             small_kernel: int = 5,
             n_points: Optional[int] = None,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.smp = nn.Sequential(OrderedDict(
-            conv=SMPConv2d(dim, kernel_size, n_points=n_points, **dd),
+            conv=SMPConv2d(dim, kernel_size, n_points=n_points, dilation=dilation, **dd),
             bn=nn.BatchNorm2d(dim, **dd),
         ))
-        self.small_conv = ConvNormAct(dim, dim, small_kernel, groups=dim, **dd) if small_kernel else None
+        self.small_conv = ConvNormAct(dim, dim, small_kernel, groups=dim, dilation=dilation, **dd) \
+            if small_kernel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.smp(x)
@@ -146,7 +151,8 @@ class SmpLargeKernel(nn.Module):
         return out
 
     def folded(self, kernel_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) of one dense depthwise conv equal to both branches and their BNs (eval statistics).
+        """(weight, bias) of one dense depthwise conv equal to both branches and their BNs (eval statistics), at the
+        branches' common dilation.
 
         ``kernel_size`` samples the continuous SMP kernel on a larger or smaller grid than it was trained on.
         """
@@ -174,18 +180,19 @@ class SmpLargeKernel(nn.Module):
     def fuse(self, kernel_size: Optional[int] = None) -> 'DeployLargeKernelConv':
         """The deploy form: one ``DeployLargeKernelConv`` (timm's ``reparameterize_model`` calls this)."""
         to_eval(self)
-        return DeployLargeKernelConv.from_folded(*self.folded(kernel_size))
+        return DeployLargeKernelConv.from_folded(*self.folded(kernel_size), dilation=self.smp.conv.dilation)
 
 
 class DeployLargeKernelConv(DepthwiseConv2d):
     """Deploy form of ``SmpLargeKernel``: one dense depthwise conv with bias."""
 
-    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True, device=device, dtype=dtype)
+    def __init__(self, dim: int, kernel_size: int, dilation: int = 1, device=None, dtype=None):
+        super().__init__(dim, dim, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation, groups=dim,
+                         bias=True, device=device, dtype=dtype)
 
     @classmethod
-    def from_folded(cls, weight: torch.Tensor, bias: torch.Tensor) -> 'DeployLargeKernelConv':
-        conv = cls(weight.shape[0], weight.shape[-1], device=weight.device, dtype=weight.dtype)
+    def from_folded(cls, weight: torch.Tensor, bias: torch.Tensor, dilation: int = 1) -> 'DeployLargeKernelConv':
+        conv = cls(weight.shape[0], weight.shape[-1], dilation, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
@@ -214,6 +221,7 @@ class SmpBlock(_PlanCache, nn.Module):
             small_kernel: int = 5,
             n_points: Optional[int] = None,
             drop_path: float = 0.,
+            dilation: int = 1,
             device=None,
             dtype=None,
     ):
@@ -221,7 +229,7 @@ class SmpBlock(_PlanCache, nn.Module):
         super().__init__()
         self.norm = nn.BatchNorm2d(dim, **dd)
         self.pw1 = ConvNormAct(dim, dim, 1, act_layer=nn.ReLU, **dd)
-        self.large_kernel = SmpLargeKernel(dim, kernel_size, small_kernel, n_points, **dd)
+        self.large_kernel = SmpLargeKernel(dim, kernel_size, small_kernel, n_points, dilation, **dd)
         self.act = nn.ReLU()
         self.pw2 = ConvNormAct(dim, dim, 1, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -232,13 +240,20 @@ class SmpBlock(_PlanCache, nn.Module):
             return pw2(large_kernel(pw1(x)), residual=x)
         return x + self.drop_path(self.pw2(self.act(self.large_kernel(self.pw1(self.norm(x))))))
 
+    @property
+    def dilation(self) -> int:
+        """The large kernel's dilation: 1, or more in the stages that ``output_stride`` 8 or 16 keeps at resolution."""
+        lk = self.large_kernel
+        return lk.dilation[0] if isinstance(lk, nn.Conv2d) else lk.smp.conv.dilation
+
     def folded_weights(self, kernel_size: Optional[int] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(weight, bias) of pw1 (with ``norm``), the large kernel and pw2, every BN folded."""
         return [self.pw1.folded(pre_norm=self.norm), self.large_kernel.folded(kernel_size), self.pw2.folded()]
 
     def _fused_convs(self) -> Tuple[FusedConv, FusedConv, FusedConv]:
         (w1, b1), (wk, bk), (w2, b2) = self.folded_weights()
-        lk = FusedConv(wk, bk, padding=wk.shape[-1] // 2, groups=wk.shape[0], act='relu')
+        d = self.dilation
+        lk = FusedConv(wk, bk, padding=d * (wk.shape[-1] // 2), groups=wk.shape[0], act='relu', dilation=d)
         return FusedConv(w1, b1, act='relu'), lk, FusedConv(w2, b2)
 
     @folds
@@ -248,7 +263,7 @@ class SmpBlock(_PlanCache, nn.Module):
             to_eval(self)
             (w1, b1), (wk, bk), (w2, b2) = self.folded_weights(kernel_size)
             set_folded(self.pw1, w1, b1)
-            self.large_kernel = DeployLargeKernelConv.from_folded(wk, bk)
+            self.large_kernel = DeployLargeKernelConv.from_folded(wk, bk, self.dilation)
             set_folded(self.pw2, w2, b2)
             self.norm = nn.Identity()
         self.drop_path = nn.Identity()
@@ -309,7 +324,12 @@ class ConvFfnBlock(_PlanCache, nn.Module):
 
 
 class SmpConvStage(nn.Module):
-    """Optional downsample (1x1 conv + 3x3 s2 depthwise conv), then ``depth`` (SmpBlock, ConvFfnBlock) units."""
+    """Optional downsample (1x1 conv + 3x3 depthwise conv, stride ``stride``), then ``depth`` (SmpBlock,
+    ConvFfnBlock) units.
+
+    A stage that keeps its input's resolution (``output_stride``) has stride 1: its downsample's 3x3 conv takes
+    ``first_dilation`` (the previous stage's dilation), its blocks ``dilation``.
+    """
 
     def __init__(
             self,
@@ -322,6 +342,9 @@ class SmpConvStage(nn.Module):
             n_points: Optional[int] = None,
             mlp_ratio: float = 4.,
             drop_path_rates: Sequence[float] = (),
+            stride: int = 2,
+            dilation: int = 1,
+            first_dilation: int = 1,
             device=None,
             dtype=None,
     ):
@@ -331,7 +354,8 @@ class SmpConvStage(nn.Module):
         if downsample:
             self.downsample = nn.Sequential(
                 ConvNormAct(in_chs, out_chs, 1, act_layer=nn.ReLU, **dd),
-                ConvNormAct(out_chs, out_chs, 3, stride=2, groups=out_chs, act_layer=nn.ReLU, **dd),
+                ConvNormAct(out_chs, out_chs, 3, stride=stride, groups=out_chs, act_layer=nn.ReLU,
+                            dilation=first_dilation, **dd),
             )
         else:
             self.downsample = nn.Identity()
@@ -339,7 +363,7 @@ class SmpConvStage(nn.Module):
         blocks = []
         for i in range(depth):
             # the large-kernel block and the FFN block of one unit share its drop-path rate
-            blocks.append(SmpBlock(out_chs, kernel_size, small_kernel, n_points, dpr[i], **dd))
+            blocks.append(SmpBlock(out_chs, kernel_size, small_kernel, n_points, dpr[i], dilation, **dd))
             blocks.append(ConvFfnBlock(out_chs, mlp_ratio, dpr[i], **dd))
         self.blocks = nn.Sequential(*blocks)
 
@@ -400,6 +424,9 @@ class SMPConvNet(TransientCaches, nn.Module):
         mlp_ratio: FFN expansion.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth rate, linear over units.
+        output_stride: 32, or 16 / 8 for dense prediction: the stages past that stride keep their resolution, their
+            downsampling convs at stride 1 and their large kernels, 5x5 branches and 3x3s dilated (the same
+            weights; each tap lands ``dilation`` pixels apart).
         img_size: Accepted for timm API parity; the network is fully convolutional.
         deploy: Build the deploy form directly (see ``reparameterize``), e.g. to load a deploy checkpoint.
         deploy_kernel_sizes: Deploy kernel size per stage when ``deploy`` (default: the train sizes).
@@ -418,6 +445,7 @@ class SMPConvNet(TransientCaches, nn.Module):
             mlp_ratio: float = 4.,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            output_stride: int = 32,
             img_size: Optional[Union[int, Tuple[int, int]]] = None,
             deploy: bool = False,
             deploy_kernel_sizes: Optional[Union[int, Sequence[int]]] = None,
@@ -432,6 +460,8 @@ class SMPConvNet(TransientCaches, nn.Module):
             raise ValueError(
                 f'depths, dims and kernel_sizes need one entry per stage, got {tuple(depths)}, {tuple(dims)}, '
                 f'{tuple(kernel_sizes)}')
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride must be 8, 16 or 32 (as in timm\'s ConvNeXt), got {output_stride!r}')
         self.arch_args = dict(
             depths=tuple(depths), dims=tuple(dims), kernel_sizes=tuple(kernel_sizes),
             small_kernel=small_kernel, n_points=n_points, mlp_ratio=mlp_ratio)
@@ -449,12 +479,19 @@ class SMPConvNet(TransientCaches, nn.Module):
         stages = []
         self.feature_info = []
         prev_chs = dims[0]
+        reduction, dilation = 4, 1  # after the stem
         for i in range(num_stages):
+            stride, first_dilation = (2 if i > 0 else 1), dilation
+            if stride > 1 and reduction >= output_stride:  # past output_stride: dilate instead of downsampling
+                dilation *= stride
+                stride = 1
+            reduction *= stride
             stages.append(SmpConvStage(
                 prev_chs, dims[i], depths[i], kernel_sizes[i], downsample=i > 0, small_kernel=small_kernel,
-                n_points=n_points, mlp_ratio=mlp_ratio, drop_path_rates=dpr[i], **dd))
+                n_points=n_points, mlp_ratio=mlp_ratio, drop_path_rates=dpr[i], stride=stride, dilation=dilation,
+                first_dilation=first_dilation, **dd))
             prev_chs = dims[i]
-            self.feature_info.append(dict(num_chs=prev_chs, reduction=4 * 2 ** i, module=f'stages.{i}'))
+            self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = prev_chs
         self.head = SmpClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)

@@ -76,6 +76,26 @@ def test_strided_candidates_equal_conv2d(stage, algo, dtype):
 
 
 @pytest.mark.parametrize('stage, algo', STAGE_CANDIDATES)
+def test_dilated_convs_equal_conv2d_whatever_algorithm_is_fixed(stage, algo):
+    """Dilation (the stages ``output_stride`` 8 / 16 keeps at resolution) runs PyTorch's own conv: forward and both
+    gradients equal F.conv2d's in float64 with every candidate fixed, maps smaller than the dilated kernel too."""
+    config.set_dwconv_algorithms(**dict(PLAIN, **{stage: algo}))
+    for n, c, h, w, k, d, s in ((2, 3, 11, 9, 5, 2, 1), (2, 4, 16, 16, 13, 2, 1), (1, 2, 7, 8, 7, 4, 1),
+                                (2, 3, 12, 12, 3, 2, 2)):
+        torch.manual_seed(0)
+        p = d * (k // 2)
+        x = torch.randn(n, c, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, 1, k, k, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+        grad = torch.randn(n, c, (h - 1) // s + 1, (w - 1) // s + 1, dtype=torch.float64)
+        ref = conv_and_grads(x, weight, bias, p, grad, lambda x, w, b, pad: F.conv2d(x, w, b, s, pad, d, c))
+        got = conv_and_grads(x, weight, bias, p, grad,
+                             lambda x, w, b, pad: dwconv.depthwise_conv2d(x, w, b, s, pad, d))
+        for name, g, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, ref):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10 * r.abs().max().item(),
+                                       msg=lambda m: f'{stage}={algo} {name} {(n, c, h, w, k, d, s)}: {m}')
+
+
+@pytest.mark.parametrize('stage, algo', STAGE_CANDIDATES)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_every_candidate_in_half_precision(stage, algo, dtype):
     """bf16 / fp16 inputs: each candidate within half-precision rounding of the exact result (float64 of the same

@@ -291,9 +291,12 @@ def depthwise_conv2d(
         bias: Optional[torch.Tensor] = None,
         stride: int = 1,
         padding: int = 0,
+        dilation: int = 1,
 ) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding, groups=C)`` with the fastest algorithms of this device (a strided
-    conv chooses among ``STRIDED``: the direct conv and PyTorch's backward, in the input's dtype or in float32).
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` with the fastest algorithms of this device (a
+    strided conv chooses among ``STRIDED``: the direct conv and PyTorch's backward, in the input's dtype or in
+    float32). A dilated conv (the later stages of a model built with ``output_stride`` 8 or 16) is PyTorch's own
+    ``F.conv2d``, forward and backward, whatever algorithm is fixed.
 
     On maps smaller than the kernel, taps that only ever see zero padding are skipped (same result, less
     work). Traced and compiled graphs (jit.trace, torch.compile, torch.export, ONNX export) see plain
@@ -301,8 +304,8 @@ def depthwise_conv2d(
     the matrix form instead (whole rows, or the tile of ``toeplitz:<tile>``), valid at the traced input width
     (torch.fx keeps this function as a leaf).
     """
-    if x.device.type == 'meta':
-        return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+    if x.device.type == 'meta' or dilation != 1:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])
     if is_tracing():  # graphs record plain ops: F.conv2d, or the matrix form where it is forced (e.g. for ONNX)
         fixed = config.dwconv_algorithms()['forward']
         if stride != 1 or not fixed.startswith('toeplitz'):

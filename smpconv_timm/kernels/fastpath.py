@@ -297,16 +297,17 @@ class FusedConv:
     ``conv2d``. On CPU the weights are prepacked into oneDNN's blocked layout per input geometry (shape, dtype),
     kept within the process's eval cache budget (``_PackedCache``). A large depthwise kernel (stride 1) also picks its algorithm per geometry
     among ``dwconv``'s forward candidates that fuse: ``direct``, ``toeplitz`` (its band matrices prepacked) and, for
-    bf16 / fp16 inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training).
+    bf16 / fp16 inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training);
+    a dilated one runs oneDNN's direct conv.
     """
     _FUSABLE = ('direct', 'toeplitz', 'direct_fp32')  # the forward algorithms a prepacked plan runs
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
-                 groups: int = 1, act: str = 'none'):
+                 groups: int = 1, act: str = 'none', dilation: int = 1):
         self.weight, self.bias = weight.detach(), bias.detach()
-        self.stride, self.padding, self.groups, self.act = stride, padding, groups, act
+        self.stride, self.padding, self.groups, self.act, self.dilation = stride, padding, groups, act, dilation
         self.depthwise = groups > 1 and groups == weight.shape[0] and weight.shape[1] == 1
-        self.large_kernel = self.depthwise and stride == 1 and weight.shape[-1] > 3
+        self.large_kernel = self.depthwise and stride == dilation == 1 and weight.shape[-1] > 3
         self._packed: 'OrderedDict[tuple, _Plan]' = OrderedDict()
         self._cast: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -339,9 +340,9 @@ class FusedConv:
             if plan.tiles is None or getattr(_STATE, 'finite', False) or dwconv.matrix_form_applies(x):
                 return self._onednn(x, residual, plan)
         if self.depthwise:
-            y = depthwise_conv2d(x, weight, bias, self.stride, self.padding)
+            y = depthwise_conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
         else:
-            y = F.conv2d(x, weight, bias, self.stride, self.padding, 1, self.groups)
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         y = _ACTS[self.act](y)
         return y if residual is None else y + residual
 
@@ -355,7 +356,7 @@ class FusedConv:
             _CACHE.used(self, key)
             return plan
         padding = (self.padding, self.padding)
-        if self.depthwise and self.stride == 1:
+        if self.depthwise and self.stride == self.dilation == 1:
             weight, padding = crop_kernel(weight, self.padding, x.shape[-2:])
             weight = weight.contiguous()
         if self.large_kernel:
@@ -389,11 +390,11 @@ class FusedConv:
         elif algo == 'direct_fp32':
             weight, bias = weight.float(), bias.float()
         packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, list(padding), [self.stride] * 2, [1, 1], self.groups, shape)
+            weight, list(padding), [self.stride] * 2, [self.dilation] * 2, self.groups, shape)
         return _Plan(algo, packed, bias, padding, tiles)
 
     def _onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor], plan: '_Plan') -> torch.Tensor:
-        geometry = (list(plan.padding), [self.stride] * 2, [1, 1], self.groups)
+        geometry = (list(plan.padding), [self.stride] * 2, [self.dilation] * 2, self.groups)
         if residual is not None:
             assert self.act == 'none', 'a fused residual add takes no activation'
             return torch.ops.mkldnn._convolution_pointwise.binary(
