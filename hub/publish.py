@@ -3,7 +3,8 @@
 * ``build_hub_folder``: an authors' release checkpoint (.pth, any layout ``checkpoint_filter_fn`` reads) -> a
   folder exactly as timm's ``push_to_hf_hub`` uploads one, written with timm's own ``save_for_hf`` and
   ``generate_readme``: ``model.safetensors`` (fp32, the model's own key names, EMA weights by default),
-  ``config.json`` (architecture, num_classes, model_args, pretrained_cfg, ImageNet label names) and a
+  ``config.json`` (architecture, num_classes, model_args, pretrained_cfg, ImageNet label names; loadable by
+  transformers' ``AutoModelForImageClassification`` too, ``smpconv_timm.hf``) and a
   ``README.md`` model card whose numbers (params, fvcore GMACs, activations) are measured while it is built.
   Everything is checked before the folder appears, under a temporary name renamed into place at the end: the
   architecture read off the keys, every tensor finite and float32, the written weights bit-equal to the loaded
@@ -117,7 +118,7 @@ def build_hub_folder(
     Nothing is written at ``output`` unless every check passes: the folder is built under a temporary name
     beside it and renamed into place. An existing ``output`` is replaced only with ``overwrite``.
     """
-    from timm.models import save_for_hf
+    from smpconv_timm.hf import save_for_hf
     from smpconv_timm._compat import generate_readme, load_model_config_from_path
     from smpconv_timm.flops import model_complexity
 
@@ -148,9 +149,9 @@ def build_hub_folder(
         save_for_hf(
             reference, tmp, safe_serialization=True,
             model_config=dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True)),
-            # newer timm records these itself; older releases write only the model_args they are given
-            model_args=dict(in_chans=reference.in_chans, num_classes=reference.num_classes,
-                            global_pool=reference.head.global_pool.pool_type))
+            # newer timm records these itself; older releases write only the model_args they are given (num_classes
+            # stays out of model_args: transformers' TimmWrapper passes it itself, see smpconv_timm.hf)
+            model_args=dict(in_chans=reference.in_chans, global_pool=reference.head.global_pool.pool_type))
         card = model_card(reference, complexity, source=checkpoint.name, source_sha256=sha256_file(checkpoint),
                           weights=weights)
         (tmp / 'README.md').write_text(generate_readme(card, name), encoding='utf-8')
@@ -319,6 +320,35 @@ output = model.forward_features(transforms(img).unsqueeze(0))
 output = model.forward_head(output, pre_logits=True)
 # output is a (1, num_features) shaped tensor
 ```
+
+### With transformers
+The same repo loads in transformers (4.47 or newer: its `TimmWrapper` runs the timm model), for its pipelines and
+its `Trainer`; the logits are timm's.
+```python
+from urllib.request import urlopen
+from PIL import Image
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+img = Image.open(urlopen(
+    'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
+))
+
+classifier = pipeline('image-classification', model='{HF_HUB_NAMESPACE}/{name}')
+print(classifier(img))  # labels: the ImageNet class ids of config.json's label_names
+
+processor = AutoImageProcessor.from_pretrained('{HF_HUB_NAMESPACE}/{name}')
+model = AutoModelForImageClassification.from_pretrained('{HF_HUB_NAMESPACE}/{name}').eval()
+with torch.no_grad():
+    logits = model(**processor(img, return_tensors='pt')).logits
+
+# fine-tuning on 10 classes: a new head, and a loss when labels are given
+model = AutoModelForImageClassification.from_pretrained(
+    '{HF_HUB_NAMESPACE}/{name}', num_labels=10, ignore_mismatched_sizes=True)
+loss = model(**processor(img, return_tensors='pt'), labels=torch.tensor([3])).loss
+```
+A fine-tuned model saved with `smpconv_timm.save_for_hf(model, folder)` (timm's `save_for_hf`, with a config.json
+transformers also reads) loads in both the same way.
 
 The weights come from the Hub repo `{HF_HUB_NAMESPACE}/{name}` by default; a mirror or fork is used with
 `SMPCONV_HF_NAMESPACE=<namespace>` or `timm.create_model('hf-hub:<namespace>/{name}', pretrained=True)`."""

@@ -9,6 +9,7 @@ from .layers import RADIUS_LR_SCALE, RADIUS_MAX, RADIUS_MIN, SMPConv2d, clamp_ra
 from .smpconv import SMPConvNet, checkpoint_filter_fn, smpconv_b, smpconv_t
 from . import config
 from .download import guard_hf_hub_configs
+from .hf import save_for_hf
 from .variants import HF_HUB_NAMESPACE, MODEL_NAMES, VARIANTS, Variant
 
 __version__ = '0.1.0'

@@ -38,7 +38,9 @@ def test_converted_folder_is_a_timm_hub_repo(published, release_checkpoint, make
 
     config = json.loads((published / 'config.json').read_text())
     assert config['architecture'] == 'smpconv_t' and config['num_classes'] == 1000
-    assert config['model_args'] == {'in_chans': 3, 'num_classes': 1000, 'global_pool': 'avg'}
+    # num_classes not in model_args (transformers' TimmWrapper passes it itself), model_type as transformers writes it
+    assert config['model_args'] == {'in_chans': 3, 'global_pool': 'avg'} and config['model_type'] == 'timm_wrapper'
+    assert config['pretrained_cfg']['num_classes'] == 1000
     cfg = config['pretrained_cfg']
     assert cfg['tag'] == 'in1k' and cfg['input_size'] == [3, 224, 224] and cfg['license'] == 'mit'
     assert cfg['first_conv'] == 'stem.0.conv' and cfg['classifier'] == 'head.fc'
@@ -61,7 +63,8 @@ def test_converted_folder_is_a_timm_hub_repo(published, release_checkpoint, make
     assert 'EMA weights' in card and sha in card
     assert '@inproceedings{kim2023smpconv' in card
     blocks = re.findall(r'```python\n(.*?)```', card, re.S)
-    assert len(blocks) == 3 and all("create_model('smpconv_t.in1k', pretrained=True" in b for b in blocks)
+    assert len(blocks) == 4 and all("create_model('smpconv_t.in1k', pretrained=True" in b for b in blocks[:3])
+    assert blocks[3].count(f"'{T_REPO}'") == 4 and f"pipeline('image-classification', model='{T_REPO}')" in blocks[3]
     for b in blocks:
         compile(b, 'model card', 'exec')
     assert 'features_only=True' in blocks[1] and '(96, 56, 56), (192, 28, 28), (384, 14, 14), (768, 7, 7)' in blocks[1]
