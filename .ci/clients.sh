@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The libraries people fine-tune and deploy timm models with, installed from the package index (the clients extra)
 # into the project's venv and run for real: transformers (4.57.6, then the current 5.x), segmentation_models_pytorch,
-# torchvision's detection models. SMPCONV_REQUIRE_CLIENTS=1: a missing library fails instead of skipping.
+# torchvision's detection models, int8 by NNCF -> OpenVINO and ONNX Runtime's quantize_static.
+# SMPCONV_REQUIRE_CLIENTS=1: a missing library fails instead of skipping.
 # Usage: .ci/clients.sh [PYTHON]   (default: .venv/bin/python of this repo)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,7 +12,7 @@ versions() {
     "$python" - <<'PY'
 from importlib.metadata import version
 print(', '.join(f'{n} {version(n)}' for n in ('torch', 'torchvision', 'timm', 'huggingface_hub', 'transformers',
-                                                'segmentation_models_pytorch')))
+                                                'segmentation_models_pytorch', 'onnxruntime', 'openvino', 'nncf')))
 PY
 }
 export SMPCONV_REQUIRE_CLIENTS=1

@@ -34,9 +34,9 @@ from common import golden_model, interleaved, machine_line, ratio_cell, table  #
 BASELINES = {'t': 'convnext_tiny', 'b': 'convnext_base'}
 
 
-def export(model: torch.nn.Module, path: str, large_kernel: str = 'direct') -> str:
+def export(model: torch.nn.Module, path: str, large_kernel: str = 'direct', size: int = 224) -> str:
     from smpconv_timm import config
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, size, size)
     batch = torch.export.Dim('batch', min=1, max=1024)
     algo = 'toeplitz' if large_kernel == 'toeplitz' else 'auto'
     with config.set_dwconv_algorithms(forward=algo), torch.no_grad():
@@ -99,8 +99,9 @@ def onnxruntime_profile(path: str, x: np.ndarray, reps: int) -> Dict[str, float]
     return times
 
 
-def openvino_profile(path: str, x: np.ndarray, reps: int) -> Dict[str, float]:
-    """ms per forward by kind of op: OpenVINO's performance counters (those of the last inference), summed."""
+def openvino_profile(path: str, x: np.ndarray, reps: int, precision: bool = False) -> Dict[str, float]:
+    """ms per forward by kind of op: OpenVINO's performance counters (those of the last inference), summed;
+    ``precision`` tells the kernels' precisions apart (e.g. ``depthwise conv, f32`` / ``1x1 conv, I8``)."""
     import openvino as ov
     compiled = ov.Core().compile_model(path, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32', 'PERF_COUNT': True,
                                                      'INFERENCE_NUM_THREADS': torch.get_num_threads()})
@@ -112,6 +113,8 @@ def openvino_profile(path: str, x: np.ndarray, reps: int) -> Dict[str, float]:
         for p in request.get_profiling_info():
             kind = {'GroupConvolution': 'depthwise conv', 'FullyConnected': 'FullyConnected (matmul)',
                     'Convolution': '1x1 conv' if '1x1' in p.exec_type else 'conv (not 1x1)'}.get(p.node_type, p.node_type)
+            if precision:
+                kind += ', ' + p.exec_type.rsplit('_', 1)[-1]
             times[kind] += p.real_time.total_seconds() * 1000 / reps
     return times
 

@@ -1,0 +1,87 @@
+"""Post-training int8 of the deploy form, in the runtimes benchmarks/int8.py measures: NNCF -> OpenVINO and ONNX
+Runtime's ``quantize_static``. A small SMPConv with weights of a trained model's scale (random init gives logits of
+about 1e-12, which no int8 scale can hold), calibrated on real images (scikit-learn's digits) and checked on others."""
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+from client_libs import client
+
+pytestmark = pytest.mark.clients
+
+SMALL = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), kernel_sizes=(13, 11, 9, 5), num_classes=10)
+
+
+@pytest.fixture(scope='module')
+def deploy_onnx(tmp_path_factory):
+    client('onnx'), client('onnxscript')
+    torch.manual_seed(0)
+    model = timm.create_model('smpconv_t', **SMALL)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight)
+        for smp in model.smp_layers():
+            smp.weights.normal_(0, 1. / smp.n_points ** 0.5)
+    model.train()
+    images = _digits(64)
+    with torch.no_grad():
+        for _ in range(3):  # BN statistics of real images
+            model(torch.from_numpy(images))
+    deploy = reparameterize_model(model.eval())
+    path = str(tmp_path_factory.mktemp('int8') / 'small.onnx')
+    torch.onnx.export(deploy, (torch.from_numpy(images[:2]),), path, dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim('batch')},), external_data=False)
+    return deploy, path
+
+
+def _digits(n, offset=0):
+    from sklearn.datasets import load_digits
+    images = load_digits().images[offset:offset + n] / 16.
+    x = torch.nn.functional.interpolate(torch.from_numpy(images).float()[:, None], size=32, mode='bilinear')
+    return ((x.repeat(1, 3, 1, 1) - 0.45) / 0.25).numpy()
+
+
+def _check(int8_logits, fp32_logits):
+    cos = (int8_logits * fp32_logits).sum(1) / np.linalg.norm(int8_logits, axis=1) / np.linalg.norm(fp32_logits, axis=1)
+    # an untrained model's classes are close calls: the logit vectors are compared (a wrong scale anywhere in the
+    # graph, e.g. on the large depthwise convs, leaves them unrelated), the classes loosely
+    assert np.median(cos) > 0.98 and cos.min() > 0.8, (np.median(cos), cos.min())
+    assert (int8_logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.75
+
+
+def test_nncf_to_openvino(deploy_onnx):
+    nncf, ov = client('nncf'), client('openvino')
+    deploy, path = deploy_onnx
+    calib, test = _digits(64), _digits(64, offset=500)
+    quantized = nncf.quantize(ov.Core().read_model(path), nncf.Dataset([calib[i:i + 1] for i in range(64)]),
+                              subset_size=64)
+    request = ov.Core().compile_model(quantized, 'CPU').create_infer_request()
+    assert any(op.get_type_name() == 'FakeQuantize' for op in quantized.get_ops())
+    with torch.no_grad():
+        _check(request.infer({0: test})[0], deploy(torch.from_numpy(test)).numpy())
+
+
+@pytest.mark.parametrize('per_channel', [False, True])
+def test_onnxruntime_quantize_static(deploy_onnx, tmp_path, per_channel):
+    ort = client('onnxruntime')
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    deploy, path = deploy_onnx
+    calib, test = _digits(64), _digits(64, offset=500)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{'x': calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = str(tmp_path / 'int8.onnx')
+    quantize_static(path, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    assert sum(n.op_type == 'DequantizeLinear' for n in __import__('onnx').load(out).graph.node) > 10
+    with torch.no_grad():
+        _check(session.run(None, {'x': test})[0], deploy(torch.from_numpy(test)).numpy())
