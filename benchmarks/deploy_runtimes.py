@@ -53,11 +53,13 @@ def onnxruntime_session(path: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def openvino_session(path: str) -> Callable[[np.ndarray], np.ndarray]:
+def openvino_session(path: str, precision: Optional[str] = 'f32') -> Callable[[np.ndarray], np.ndarray]:
+    """``precision``: OpenVINO's INFERENCE_PRECISION_HINT for what is not int8, None for its default (bf16 on CPUs
+    with AVX512-BF16 or AMX)."""
     import openvino as ov
     core = ov.Core()
-    compiled = core.compile_model(path, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32',
-                                                'INFERENCE_NUM_THREADS': torch.get_num_threads()})
+    hint = {} if precision is None else {'INFERENCE_PRECISION_HINT': precision}
+    compiled = core.compile_model(path, 'CPU', {**hint, 'INFERENCE_NUM_THREADS': torch.get_num_threads()})
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[0]
 

@@ -14,7 +14,8 @@ deploy form (``reparameterize_model``; ConvNeXt as it is), exported to ONNX at 3
 images in fp32 and int8; int8 calibrated on ``--calibration`` training images, never on held-out ones. ONNX Runtime
 runs per-tensor and per-channel weight scales (QDQ, uint8 activations, int8 weights); NNCF its defaults (per-channel
 symmetric weights). Speed: smpconv_t (deploy form, the golden weights) and convnext_tiny at 224x224, each quantized
-the same way (calibrated on digits upsampled to 224), alternated in the same runtime, bs 1 and 16.
+the same way (calibrated on digits upsampled to 224), alternated in the same runtime, bs 1 and 16. OpenVINO runs
+what is not int8 in fp32 (``--openvino-precision``: bf16, or its own default).
 """
 import argparse
 import os
@@ -146,7 +147,11 @@ def speed_rows(args, tmp: str) -> List[List[str]]:
                 for k in kinds if sum(t.get(k, 0) for t in times.values()) >= 0.05 * len(x)]
             prof.append(['all nodes'] + [f'{sum(times[m].values()):.1f}' for m in ('ours', 'baseline')])
             print(f'OpenVINO int8 ({scheme}), bs {len(x)}\n\n' + table(prof) + '\n', flush=True)
-        runs = {k: session(p) for k, p in quantized.items()}
+        if runtime == 'OpenVINO':
+            runs = {k: openvino_session(p, None if args.openvino_precision == 'default' else args.openvino_precision)
+                    for k, p in quantized.items()}
+        else:
+            runs = {k: session(p) for k, p in quantized.items()}
         for bs in args.batches:
             x = np.random.default_rng(0).standard_normal((bs, 3, 224, 224), dtype=np.float32)
             reps = args.reps if bs <= 8 else max(3, args.reps // 2)
@@ -168,6 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--reps', type=int, default=10, help='alternations per speed row (bs 16: half)')
     parser.add_argument('--profile', action='store_true',
                         help="also OpenVINO's per-node int8 times by kind of op and kernel precision, at the first batch")
+    parser.add_argument('--openvino-precision', default='f32', choices=['f32', 'bf16', 'default'],
+                        help="speed rows: OpenVINO's precision for what is not int8 (its default: bf16 where the CPU has it)")
     parser.add_argument('--skip-speed', action='store_true')
     parser.add_argument('--skip-accuracy', action='store_true')
     args = parser.parse_args(argv)
