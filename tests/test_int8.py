@@ -66,7 +66,7 @@ def test_nncf_to_openvino(deploy_onnx):
 
 @pytest.mark.parametrize('per_channel', [False, True])
 def test_onnxruntime_quantize_static(deploy_onnx, tmp_path, per_channel):
-    ort = client('onnxruntime')
+    ort, onnx = client('onnxruntime'), client('onnx')
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     deploy, path = deploy_onnx
     calib, test = _digits(64), _digits(64, offset=500)
@@ -82,6 +82,6 @@ def test_onnxruntime_quantize_static(deploy_onnx, tmp_path, per_channel):
     quantize_static(path, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
-    assert sum(n.op_type == 'DequantizeLinear' for n in __import__('onnx').load(out).graph.node) > 10
+    assert sum(n.op_type == 'DequantizeLinear' for n in onnx.load(out).graph.node) > 10
     with torch.no_grad():
         _check(session.run(None, {'x': test})[0], deploy(torch.from_numpy(test)).numpy())
