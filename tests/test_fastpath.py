@@ -94,6 +94,32 @@ def test_plan_follows_parameter_changes():
     assert '_fast_plan' not in block.__dict__  # training drops the cached weights
 
 
+def test_blocks_trust_the_model_state_check(monkeypatch):
+    """In a model forward the blocks take the model's own state check: with nothing changed, one walk over the
+    model's tensors per forward; a block changed and then run on its own, or the model run again, still follows."""
+    from smpconv_timm.kernels import fastpath
+    torch.manual_seed(0)
+    model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fast(model, x)
+    walks = []
+    real = fastpath._version_key
+    monkeypatch.setattr(fastpath, '_version_key', lambda m: walks.append(m) or real(m))
+    fast(model, x)
+    assert walks == [model]
+    block = model.stages[1].blocks[0]
+    block_in = torch.randn(1, 24, 8, 8)
+    with torch.no_grad():
+        block.large_kernel.smp.conv.radius.mul_(0.8)
+    close(fast(block, block_in), plain(block, block_in))  # on its own: its own check
+    with torch.no_grad():
+        block.large_kernel.smp.conv.weight_coord.mul_(0.9)
+    close(fast(model, x), plain(model, x))  # the model's check sees the change
+    walks.clear()
+    fast(model, x)
+    assert walks == [model]
+
+
 def test_fast_path_only_where_it_applies():
     model = timm.create_model('smpconv_t', **TINY)
     block = model.stages[0].blocks[0]

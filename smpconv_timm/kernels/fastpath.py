@@ -188,22 +188,24 @@ def begin_forward(module: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, boo
 
     Until then, ``FusedConv`` fuses ReLU into the conv where the fast path applies and neither ``x`` nor the model's
     parameters and buffers hold a NaN or inf (the weights checked once per parameter state, the input on every
-    call); otherwise ReLU runs after each conv, as PyTorch's does.
+    call); otherwise ReLU runs after each conv, as PyTorch's does. The model's parameter state, found unchanged
+    here, also stands for its blocks' (``cached_plan``): they do not check their own again.
     """
     if is_tracing():
         return None
-    previous = getattr(_STATE, 'finite', False)
+    previous = getattr(_STATE, 'finite', False), getattr(_STATE, 'state', None)
+    _STATE.state = None
     _STATE.finite = bool(inference_path(module, x) and x.is_floating_point() and _finite_weights(module)
                          and all_finite(x))
-    return _CACHE.packs_built, previous
+    return (_CACHE.packs_built,) + previous
 
 
-def end_forward(started: Optional[Tuple[int, bool]]) -> None:
+def end_forward(started: Optional[Tuple[int, bool, Optional[object]]]) -> None:
     """End what ``begin_forward`` started: the ReLU fusion state as before it, and, if the forward packed weights
     (a new input size), the memory freed meanwhile returned to the OS."""
     if started is None:
         return
-    mark, _STATE.finite = started
+    mark, _STATE.finite, _STATE.state = started
     if mark != _CACHE.packs_built:
         release_free_memory()
 
@@ -229,24 +231,38 @@ def _version_key(module: nn.Module) -> Optional[tuple]:
 
 
 def _finite_weights(module: nn.Module) -> bool:
+    """Whether the parameters and buffers of ``module`` (the model) are all finite, checked once per state; sets
+    ``_STATE.state`` to a token of that state (a new object whenever it changes, None where it has no version)."""
     key = _version_key(module)
     cache = module.__dict__.get('_finite_weights')
     if cache is None or key is None or cache[0] != key:
         tensors = [t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()]
-        cache = (key, all(bool(t.isfinite().all()) for t in tensors))
+        cache = (key, all(bool(t.isfinite().all()) for t in tensors), object())
         module.__dict__['_finite_weights'] = cache
+    _STATE.state = cache[2] if key is not None else None
     return cache[1]
 
 
 def cached_plan(module: nn.Module, build):
     """``build()`` once per parameter / buffer state of ``module`` (every call where that state has no version),
-    in ``fold_mode``; dropped by ``module.train()``."""
-    key = _version_key(module)
+    in ``fold_mode``; dropped by ``module.train()``.
+
+    A plan checked during a model forward (``begin_forward``) is tagged with the token of the model's state: while
+    the model's forward finds that state unchanged (every tensor of the model, the block's included, at the same
+    version, storage and dtype), the plan is used without walking the block's tensors again."""
+    state = getattr(_STATE, 'state', None)
     cache = module.__dict__.get('_fast_plan')
+    if state is not None and cache is not None and cache[2] is state:
+        return cache[1]
+    key = _version_key(module)
+    if key is None:
+        state = None
     if cache is None or key is None or cache[0] != key:
         with fold_mode(module):
-            cache = (key, build())
+            cache = (key, build(), state)
         module.__dict__['_fast_plan'] = cache
+    elif cache[2] is not state:
+        cache = module.__dict__['_fast_plan'] = (key, cache[1], state)
     return cache[1]
 
 
