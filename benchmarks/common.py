@@ -24,17 +24,24 @@ MATRIX_FLAGS = ('amx_bf16', 'amx_fp16', 'amx_int8', 'avx512_bf16', 'avx512_fp16'
 
 
 def cpu_info() -> Dict[str, object]:
-    """CPU model, vendor and the ``MATRIX_FLAGS`` it has (from /proc/cpuinfo where there is one)."""
-    model, vendor, flags = platform.processor() or platform.machine(), '', set()
+    """CPU model name, vendor, CPUID family and model, and the ``MATRIX_FLAGS`` it has (from /proc/cpuinfo where there
+    is one)."""
+    model, vendor, flags, cpuid = platform.processor() or platform.machine(), '', set(), None
     try:
         with open('/proc/cpuinfo') as f:
             text = f.read()
         model = re.search(r'^model name\s*:\s*(.+)$', text, re.M).group(1).strip()
         vendor = re.search(r'^vendor_id\s*:\s*(.+)$', text, re.M).group(1).strip()
         flags = set(re.search(r'^flags\s*:\s*(.+)$', text, re.M).group(1).split())
+        cpuid = (int(re.search(r'^cpu family\s*:\s*(\d+)$', text, re.M).group(1)),
+                 int(re.search(r'^model\s*:\s*(\d+)$', text, re.M).group(1)))
     except (OSError, AttributeError):
         pass
-    return dict(model=model, vendor=vendor, flags=[f for f in MATRIX_FLAGS if f in flags])
+    return dict(model=model, vendor=vendor, flags=[f for f in MATRIX_FLAGS if f in flags], cpuid=cpuid)
+
+
+#: AMD's CPUID families with AVX512-BF16 (family 25 also holds Zen 3, which has no AVX-512)
+AMD_GENERATIONS = {25: 'Zen 4', 26: 'Zen 5'}
 
 
 def cpu_family(info: Dict[str, object]) -> str:
@@ -42,7 +49,9 @@ def cpu_family(info: Dict[str, object]) -> str:
     if 'amx_bf16' in info['flags']:
         return 'Intel Xeon with AMX' if info['vendor'] == 'GenuineIntel' else 'CPU with AMX'
     if 'avx512_bf16' in info['flags']:
-        return 'AMD EPYC (Zen 4 / 5)' if info['vendor'] == 'AuthenticAMD' else 'CPU with AVX512-BF16, no AMX'
+        if info['vendor'] == 'AuthenticAMD' and info['cpuid']:
+            return f'AMD {AMD_GENERATIONS.get(info["cpuid"][0], "")}'.rstrip()
+        return 'CPU with AVX512-BF16, no AMX'
     return 'CPU without bf16 matrix instructions'
 
 
@@ -57,7 +66,8 @@ def torch_build() -> str:
 def machine_line(device: str = 'cpu') -> str:
     info = cpu_info()
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA')
-    parts = [f'{info["model"]} ({cpu_family(info)}; {", ".join(info["flags"]) or "no AVX2"})',
+    cpuid = f'CPUID family {info["cpuid"][0]} model {info["cpuid"][1]}; ' if info['cpuid'] else ''
+    parts = [f'{info["model"]} ({cpu_family(info)}; {cpuid}{", ".join(info["flags"]) or "no AVX2"})',
              f'{torch.get_num_threads()} threads', torch_build(), f'PyTorch CPU kernels {torch.backends.cpu.get_cpu_capability()}']
     if isa:
         parts.append(f'ONEDNN_MAX_CPU_ISA={isa}')
