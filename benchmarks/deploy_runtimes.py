@@ -5,6 +5,8 @@ ConvNeXt exported and run the same way.
     python benchmarks/deploy_runtimes.py                         # smpconv_t vs convnext_tiny, bs 1 and 16
     python benchmarks/deploy_runtimes.py --large-kernel toeplitz # the large kernels exported as matrix products
     python benchmarks/deploy_runtimes.py --profile --batches 16  # where each runtime's time goes, by kind of op
+    python benchmarks/deploy_runtimes.py --large-kernel direct --runtimes "ONNX Runtime" \
+        --ort-options default extended no-spinning denormal-as-zero   # ONNX Runtime's session settings, a row each
 
 Both models are exported with ``torch.onnx.export(..., dynamo=True)`` (dynamic batch, 224x224). SMPConv is the
 deploy form (``timm.utils.reparameterize_model``) of the golden weights; its fp32 logits in each runtime are checked
@@ -20,6 +22,7 @@ form (``direct`` by default).
 """
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -44,10 +47,26 @@ def export(model: torch.nn.Module, path: str, large_kernel: str = 'direct', size
     return path
 
 
-def onnxruntime_session(path: str) -> Callable[[np.ndarray], np.ndarray]:
+#: ONNX Runtime session settings a deployment might choose (``--ort-options``): ORT's own defaults (all graph
+#: optimizations, NCHWc layout included; spinning worker threads), the optimizations without the layout ones, worker
+#: threads that sleep instead of spinning, denormals flushed to zero
+ORT_OPTIONS = {
+    'default': {},
+    'extended': {'level': 'ORT_ENABLE_EXTENDED'},
+    'no-spinning': {'session.intra_op.allow_spinning': '0'},
+    'denormal-as-zero': {'session.set_denormal_as_zero': '1'},
+}
+
+
+def onnxruntime_session(path: str, preset: str = 'default') -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    for key, value in ORT_OPTIONS[preset].items():
+        if key == 'level':
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, value)
+        else:
+            options.add_session_config_entry(key, value)
     session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
@@ -141,6 +160,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--large-kernel', default='both', choices=['direct', 'toeplitz', 'both'])
     parser.add_argument('--runtimes', nargs='+', default=list(RUNTIMES), choices=list(RUNTIMES))
     parser.add_argument('--reps', type=int, default=10, help='alternations per row (bs 16: half)')
+    parser.add_argument('--ort-options', nargs='+', default=['default'], choices=list(ORT_OPTIONS),
+                        help='ONNX Runtime session settings, a row each (default: ORT\'s own)')
     parser.add_argument('--profile', action='store_true', help='time per kind of op in each runtime instead')
     args = parser.parse_args(argv)
     import timm
@@ -167,10 +188,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files: Dict[str, str] = {form: export(deploy, os.path.join(tmp, f'ours_{form}.onnx'), form) for form in forms}
         files['baseline'] = export(baseline, os.path.join(tmp, 'baseline.onnx'))
+        sessions = []  # (row label, session maker): ONNX Runtime once per --ort-options preset
         for runtime in args.runtimes:
-            base_run = RUNTIMES[runtime](files['baseline'])
+            if runtime == 'ONNX Runtime':
+                sessions += [(runtime if p == 'default' else f'{runtime}, {p}',
+                              functools.partial(onnxruntime_session, preset=p)) for p in args.ort_options]
+            else:
+                sessions.append((runtime, RUNTIMES[runtime]))
+        for runtime, session in sessions:
+            base_run = session(files['baseline'])
             for form in forms:
-                run = RUNTIMES[runtime](files[form])
+                run = session(files[form])
                 err = float(np.abs(run(images.numpy()) - ref).max() / np.abs(ref).max())
                 if not err < 1e-4:
                     raise SystemExit(f'{runtime}, {form}: logits off by {err:.1e} x max |logit| (bound 1e-4)')
