@@ -5,7 +5,7 @@ ConvNeXt exported and run the same way.
     python benchmarks/deploy_runtimes.py                         # smpconv_t vs convnext_tiny, bs 1 and 16
     python benchmarks/deploy_runtimes.py --large-kernel toeplitz # the large kernels exported as matrix products
     python benchmarks/deploy_runtimes.py --profile --batches 16  # where each runtime's time goes, by kind of op
-    python benchmarks/deploy_runtimes.py --large-kernel direct --runtimes "ONNX Runtime" \
+    python benchmarks/deploy_runtimes.py --large-kernel direct --runtimes "ONNX Runtime" \\
         --ort-options default extended no-spinning denormal-as-zero   # ONNX Runtime's session settings, a row each
 
 Both models are exported with ``torch.onnx.export(..., dynamo=True)`` (dynamic batch, 224x224). SMPConv is the
