@@ -43,8 +43,8 @@ def eval_rows(c: int, h: int, k: int, batch: int, dtype: torch.dtype, device: st
     with torch.no_grad():
         base = median_ms(lambda: F.relu(F.conv2d(x, w, b, 1, k // 2, 1, c)), device, 2, reps)
         rows = [[f'{c}x{h}x{h} k{k}', str(batch), 'eval', 'F.conv2d + relu', f'{base:.3f}', '1.00', '']]
-        for algo in ('direct', 'toeplitz', 'direct_fp32', 'auto'):
-            if algo != 'auto' and algo not in dwconv.candidates('forward', dtype):
+        for algo in ('direct', 'fft', 'toeplitz', 'direct_fp32', 'auto'):
+            if algo != 'auto' and algo not in {v.partition(':')[0] for v in dwconv.candidates('forward', dtype)}:
                 continue
             with config.set_dwconv_algorithms(forward=algo):
                 fused = FusedConv(w, b, padding=k // 2, groups=c, act='relu')

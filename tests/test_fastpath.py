@@ -13,7 +13,7 @@ from timm.utils import reparameterize_model
 
 import smpconv_timm.smpconv as smpconv_module
 from smpconv_timm.config import set_dwconv_algorithms, set_inference_fast_path, set_training_recompute
-from smpconv_timm.kernels import FusedConv, act_name
+from smpconv_timm.kernels import FusedConv, act_name, dwconv
 from smpconv_timm.smpconv import ConvFfnBlock, SmpBlock
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), kernel_sizes=(9, 7, 7, 5))
@@ -367,8 +367,30 @@ print('ok', err)
     assert proc.returncode == 0 and proc.stdout.startswith('ok'), proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize('algo', ['toeplitz', 'fft'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_the_matrix_form_keeps_nan_and_inf_as_pytorch_does(dtype):
+def test_the_matrix_form_and_fft_keep_nan_and_inf_as_pytorch_does(dtype, algo):
     """Forced (not timed), so that this does not depend on which candidate wins on the machine."""
-    with set_dwconv_algorithms(forward='toeplitz', input_grad='toeplitz', weight_grad='toeplitz'):
+    with set_dwconv_algorithms(forward=algo, input_grad=algo, weight_grad=algo):
         test_fused_ops_keep_nan_and_inf_as_pytorch_does('depthwise_relu', dtype)
+
+
+@pytest.mark.parametrize('algo', sorted({v.partition(':')[0] for v in dwconv.candidates('forward', torch.float32)}))
+def test_each_large_kernel_plan_equals_conv2d_in_float64(algo):
+    """The fused eval conv with each forward algorithm forced: bias, ReLU or residual add, odd and even kernels,
+    maps smaller than the kernel, any padding; channels-last in and out, as the model runs."""
+    for n, c, h, w, k, p in [(2, 3, 11, 9, 5, 2), (2, 4, 7, 7, 13, 6), (2, 3, 10, 10, 6, 3), (2, 3, 8, 7, 5, 4),
+                             (1, 5, 20, 16, 31, 15)]:
+        torch.manual_seed(0)
+        x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, 1, k, k), torch.randn(c)
+        ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, p, 1, c)
+        residual = torch.randn(ref.shape).contiguous(memory_format=torch.channels_last)
+        with set_dwconv_algorithms(forward=algo), torch.no_grad():
+            for act, res, want in [('relu', None, ref.relu()), ('none', residual, ref + residual.double())]:
+                conv = FusedConv(weight, bias, padding=p, groups=c, act=act)
+                out = conv(x, res)
+                assert [plan.algo.partition(':')[0] for plan in conv._packed.values()] == [algo]
+                torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5 * want.abs().max().item(),
+                                           msg=lambda m: f'{algo} {act} {(n, c, h, w, k, p)}: {m}')
+                assert out.is_contiguous(memory_format=torch.channels_last)

@@ -45,9 +45,8 @@ def test_golden_logits_with_each_large_kernel_algorithm_forced(release_checkpoin
         with config.set_dwconv_algorithms(forward=algo), config.set_inference_fast_path(fast_path), torch.no_grad():
             out = model(x).double().numpy()
         assert np.abs(out - ref).max() < golden_tolerance(ref), fast_path
-    if algo != 'fft':  # the fused path ran the forced algorithm
-        plans = [p for m in model.modules() for f in _fused(m) if f.large_kernel for p in f._packed.values()]
-        assert plans and all(p.algo.partition(':')[0] == algo for p in plans)
+    plans = [p for m in model.modules() for f in _fused(m) if f.large_kernel for p in f._packed.values()]
+    assert plans and all(p.algo.partition(':')[0] == algo for p in plans)  # the fused path ran the forced algorithm
 
 
 def _fused(module):

@@ -26,24 +26,24 @@ Each stage picks an algorithm per shape: ``'auto'`` (the default) times the cand
 environment variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). Taps that only ever see zero padding
 (maps smaller than the kernel) are skipped first.
 
-All candidates give ``F.conv2d``'s result up to float rounding for finite inputs. A non-finite input value makes
-the outputs of its image and channel that it reaches non-finite in every candidate; ``fft`` and ``toeplitz`` reach
-further within that image and channel than the kernel's window (the whole map, or whole rows), never another image
-or channel. Where the weight gradient of ``toeplitz`` or ``rows`` comes out non-finite, PyTorch's own is returned
-instead.
+All candidates give ``F.conv2d``'s result up to float rounding for finite inputs. ``fft`` and ``toeplitz`` would
+carry a NaN or inf further than the kernel's window (the whole map, or whole rows), so their forward (and the input
+gradient, a forward of the output gradient) takes the direct conv where its input is not finite, and where their
+weight gradient (or that of ``rows``) comes out non-finite, PyTorch's own is returned instead: a non-finite value
+reaches the outputs and gradients it reaches in PyTorch's own conv.
 """
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import config
 from . import toeplitz
-from .runtime import all_finite, autocast_dtype, is_tracing
+from .runtime import all_finite, autocast_dtype, is_tracing, onednn_bf16_available
 
 __all__ = ['depthwise_conv2d', 'layout', 'variants', 'candidates', 'pick', 'tile_of', 'crop_kernel', 'crop_taps',
-           'ALGORITHMS', 'STRIDED', 'TOEPLITZ_TILES']
+           'fft_kernel', 'conv_fft', 'FftKernel', 'ALGORITHMS', 'STRIDED', 'TOEPLITZ_TILES']
 
 ALGORITHMS = config.DWCONV_ALGORITHMS
 _tuned: Dict[tuple, str] = {}
@@ -68,16 +68,21 @@ def _fft_len(n: int) -> int:
     return best
 
 
+def _correlation_size(a_hw, b_hw, lo: Tuple[int, int], count: Tuple[int, int]) -> Tuple[int, int]:
+    """FFT size for the lags u in [lo, lo + count) of a against b (below) without wrap-around."""
+    return tuple(_fft_len(max(a_hw[i], b_hw[i], b_hw[i] - lo[i], lo[i] + count[i] - 1 + a_hw[i])) for i in (0, 1))
+
+
+def _spectrum(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    dtype = torch.promote_types(t.dtype, torch.float32)  # FFTs in float32 at least (no half on CPU)
+    return torch.fft.rfft2(t.to(dtype).contiguous(), s=size)
+
+
 def _correlation_spectrum(a: torch.Tensor, b: torch.Tensor, lo: Tuple[int, int], count: Tuple[int, int]):
     """Spectrum of c[.., u, v] = sum_{t, s} a[.., t, s] * b[.., t + u, s + v], at a length without wrap-around
     for the lags u in [lo[0], lo[0] + count[0]) (v likewise)."""
-    size = tuple(
-        _fft_len(max(a.shape[d], b.shape[d], b.shape[d] - lo[i], lo[i] + count[i] - 1 + a.shape[d]))
-        for i, d in enumerate((-2, -1)))
-    dtype = torch.promote_types(b.dtype, torch.float32)  # FFTs in float32 at least (no half on CPU)
-    spec_a = torch.fft.rfft2(a.to(dtype).contiguous(), s=size)
-    spec_b = torch.fft.rfft2(b.to(dtype).contiguous(), s=size)
-    return spec_b * spec_a.conj(), size
+    size = _correlation_size(a.shape[-2:], b.shape[-2:], lo, count)
+    return _spectrum(b, size) * _spectrum(a, size).conj(), size
 
 
 def _lag_window(spec: torch.Tensor, size, lo: Tuple[int, int], count: Tuple[int, int]) -> torch.Tensor:
@@ -87,13 +92,32 @@ def _lag_window(spec: torch.Tensor, size, lo: Tuple[int, int], count: Tuple[int,
     return full.index_select(-2, rows).index_select(-1, cols)
 
 
-def _conv_fft(x, weight, padding: Tuple[int, int]) -> torch.Tensor:
+class FftKernel(NamedTuple):
+    """A depthwise kernel ready for ``conv_fft`` on maps of one size: its conjugate spectrum (1, C, size[0],
+    size[1] // 2 + 1), the FFT size, and the output's lags."""
+    spectrum: torch.Tensor
+    size: Tuple[int, int]
+    lo: Tuple[int, int]
+    out: Tuple[int, int]
+
+
+def fft_kernel(weight: torch.Tensor, map_hw: Tuple[int, int], padding: Tuple[int, int]) -> FftKernel:
+    """The kernel of ``conv_fft`` for (H, W) maps: computed once where one weight sees many inputs (eval)."""
     # y[n, c, i, j] = sum_{a, b} K[c, a, b] x[n, c, i + a - ph, j + b - pw]: lags i - ph of K against x
     kh, kw = weight.shape[-2:]
-    out = (x.shape[-2] + 2 * padding[0] - kh + 1, x.shape[-1] + 2 * padding[1] - kw + 1)
+    out = (map_hw[0] + 2 * padding[0] - kh + 1, map_hw[1] + 2 * padding[1] - kw + 1)
     lo = (-padding[0], -padding[1])
-    spec, size = _correlation_spectrum(weight.transpose(0, 1), x, lo, out)
-    return _lag_window(spec, size, lo, out).to(x.dtype)
+    size = _correlation_size((kh, kw), map_hw, lo, out)
+    return FftKernel(_spectrum(weight.transpose(0, 1), size).conj(), size, lo, out)
+
+
+def conv_fft(x: torch.Tensor, kernel: FftKernel) -> torch.Tensor:
+    """The stride-1 depthwise conv of x by an ``fft_kernel``: NCHW, in float32 at least."""
+    return _lag_window(_spectrum(x, kernel.size) * kernel.spectrum, kernel.size, kernel.lo, kernel.out)
+
+
+def _conv_fft(x, weight, padding: Tuple[int, int]) -> torch.Tensor:
+    return conv_fft(x, fft_kernel(weight, x.shape[-2:], padding)).to(x.dtype)
 
 
 def _weight_grad_fft(x, grad, kernel: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
@@ -116,13 +140,14 @@ def tile_of(algo: str) -> int:
 
 
 def matrix_form_applies(*tensors: torch.Tensor) -> bool:
-    """The matrix form multiplies every input of a tile by the band's zeros too: a NaN or inf would reach outputs
-    the direct conv never lets it reach, so non-finite tensors take the direct conv instead."""
+    """The matrix form multiplies every input of a tile by the band's zeros too, and the FFT mixes a whole map: a
+    NaN or inf would reach outputs the direct conv never lets it reach, so non-finite tensors take the direct conv
+    instead."""
     return all(all_finite(t) for t in tensors)
 
 
 def _forward(algo, x, weight, padding, stride=1):
-    if algo == 'fft':
+    if algo == 'fft' and matrix_form_applies(x):
         return _conv_fft(x, weight, padding).contiguous(memory_format=layout(x))
     if algo.startswith('toeplitz') and matrix_form_applies(x):
         return toeplitz.conv(x, weight, padding, tile_of(algo))
@@ -163,15 +188,15 @@ def _input_grad(algo, grad, weight, padding, x, stride=1):
 
 def _weight_grad(algo, x, grad, weight, padding, stride=1):
     kernel = tuple(weight.shape[-2:])
-    if algo == 'fft':
-        return _weight_grad_fft(x, grad, kernel, padding).to(weight.dtype)
     out = None
-    if algo == 'rows':
+    if algo == 'fft':
+        out = _weight_grad_fft(x, grad, kernel, padding)
+    elif algo == 'rows':
         out = toeplitz.weight_grad_rows(x, grad, kernel, padding)
     elif algo.startswith('toeplitz'):
         out = toeplitz.weight_grad(x, grad, kernel, padding, tile_of(algo))
-    # finite inputs give a matrix form a finite result; a NaN or inf in them (or padding zeros times an inf) leaves a
-    # non-finite tap, and then PyTorch's own backward decides which taps are (one check of the small result)
+    # finite inputs give a matrix form or the FFT a finite result; a NaN or inf in them (or padding zeros times an inf)
+    # leaves a non-finite tap, and then PyTorch's own backward decides which taps are (one check of the small result)
     if out is not None and all_finite(out):
         return out.to(weight.dtype)
     return _native(grad, x, weight, padding, stride, 1, algo == 'native_fp32')
@@ -197,10 +222,19 @@ STRIDED = {'forward': ('direct', 'direct_fp32'),
            'weight_grad': ('native', 'native_fp32')}
 
 
-def candidates(stage: str, dtype: torch.dtype, stride: int = 1) -> Tuple[str, ...]:
-    """What ``'auto'`` chooses from for this stage, input dtype and stride (the ``_fp32`` ones for bf16 / fp16)."""
+def _rounds_in_bf16(stage: str, algo: str, dtype: torch.dtype, device: str) -> bool:
+    """PyTorch's own bf16 input-gradient kernels on a CPU without oneDNN bf16 (AVX2-only CPUs) accumulate in bf16:
+    about 2 % of the largest value off the exact gradient, where every other candidate stays within rounding."""
+    return (stage == 'input_grad' and algo in ('native', 'transposed') and dtype == torch.bfloat16
+            and device == 'cpu' and not onednn_bf16_available())
+
+
+def candidates(stage: str, dtype: torch.dtype, stride: int = 1, device: str = 'cpu') -> Tuple[str, ...]:
+    """What ``'auto'`` chooses from for this stage, input dtype, stride and device (the ``_fp32`` ones for bf16 /
+    fp16; not PyTorch's own bf16 input gradient where it rounds in bf16)."""
     return tuple(v for a in ALGORITHMS[stage] if (not a.endswith('_fp32') or dtype in _HALF)
-                 and (stride == 1 or a in STRIDED[stage]) for v in variants(a))
+                 and (stride == 1 or a in STRIDED[stage]) and not _rounds_in_bf16(stage, a, dtype, device)
+                 for v in variants(a))
 
 
 def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Optional[Tuple[str, ...]] = None) -> str:
@@ -211,7 +245,7 @@ def pick(stage: str, key: tuple, run: Callable[[str], torch.Tensor], names: Opti
     apply to a strided conv). Each candidate runs once to warm up (plans, packing), then its best
     of two timed runs counts; the winner is kept per key and candidate set.
     """
-    names = names or candidates(stage, key[1], key[-1])
+    names = names or candidates(stage, key[1], key[-1], key[0])
     fixed = config.dwconv_algorithms()[stage]
     if fixed != 'auto' and (key[-1] == 1 or fixed in STRIDED[stage]):
         names = tuple(n for n in names if n == fixed or n.partition(':')[0] == fixed) or variants(fixed)

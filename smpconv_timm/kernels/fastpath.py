@@ -35,7 +35,7 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from .. import config
 from . import dwconv, toeplitz
 from .dwconv import crop_kernel, depthwise_conv2d
-from .runtime import all_finite, autocast_dtype, fold_mode, is_fx_tracing, is_tracing, release_free_memory
+from .runtime import all_finite, autocast_dtype, fold_mode, is_fx_tracing, is_tracing, onednn_bf16_available, \
+    release_free_memory
 
 __all__ = ['FusedConv', 'act_name', 'inference_path', 'cached_plan', 'drop_plan', 'begin_forward', 'end_forward',
            'compiled_eval_applies', 'compiled_eval', 'batch_split', 'SPLIT_BYTES']
@@ -59,17 +60,8 @@ def _onednn_fusion_available() -> bool:
         return False
 
 
-def _onednn_bf16_available() -> bool:
-    """oneDNN's bf16 convs need AVX512-BF16-class CPUs (or AVX-NE-CONVERT) in PyTorch; elsewhere (AVX2-only
-    CPUs, or ``ONEDNN_MAX_CPU_ISA`` below them) bf16 runs as plain ``conv2d``."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 _ONEDNN = _onednn_fusion_available()
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN and _onednn_bf16_available() else (torch.float32,)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN and onednn_bf16_available() else (torch.float32,)
 _ACTS = {'none': lambda x: x, 'relu': F.relu, 'gelu': F.gelu}
 
 
@@ -312,11 +304,11 @@ class FusedConv:
     Under autocast the conv runs in the autocast dtype (weights cast once and kept), as autocast runs
     ``conv2d``. On CPU the weights are prepacked into oneDNN's blocked layout per input geometry (shape, dtype),
     kept within the process's eval cache budget (``_PackedCache``). A large depthwise kernel (stride 1) also picks its algorithm per geometry
-    among ``dwconv``'s forward candidates that fuse: ``direct``, ``toeplitz`` (its band matrices prepacked) and, for
-    bf16 / fp16 inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training);
-    a dilated one runs oneDNN's direct conv.
+    among ``dwconv``'s forward candidates: ``direct``, ``toeplitz`` (its band matrices prepacked), ``fft`` (the
+    kernel's spectrum computed once; bias, activation and residual add after the inverse FFT) and, for bf16 / fp16
+    inputs, ``direct_fp32`` (``config.set_dwconv_algorithms(forward=...)`` fixes it, as for training); a dilated
+    one runs oneDNN's direct conv.
     """
-    _FUSABLE = ('direct', 'toeplitz', 'direct_fp32')  # the forward algorithms a prepacked plan runs
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int = 1, padding: int = 0,
                  groups: int = 1, act: str = 'none', dilation: int = 1):
@@ -352,9 +344,9 @@ class FusedConv:
         onednn_dtype = x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
         if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
             plan = self._plan(x, weight, bias)
-            # the matrix form only on finite input (dwconv.matrix_form_applies): known for the model's own input
-            if plan.tiles is None or getattr(_STATE, 'finite', False) or dwconv.matrix_form_applies(x):
-                return self._onednn(x, residual, plan)
+            # the matrix form and the FFT only on finite input (dwconv.matrix_form_applies): known for the model's own
+            if not plan.spreads or getattr(_STATE, 'finite', False) or dwconv.matrix_form_applies(x):
+                return self._apply(x, residual, plan)
         if self.depthwise:
             y = depthwise_conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
         else:
@@ -375,19 +367,16 @@ class FusedConv:
         if self.depthwise and self.stride == self.dilation == 1:
             weight, padding = crop_kernel(weight, self.padding, x.shape[-2:])
             weight = weight.contiguous()
-        if self.large_kernel:
+        if self.large_kernel and x.numel() > 0:  # (an empty batch: nothing to time, and FFTs refuse empty tensors)
             built: Dict[str, _Plan] = {}
 
             def run(algo: str) -> torch.Tensor:
                 if algo not in built:
                     built[algo] = self._pack(algo, x, weight, bias, padding)
-                return self._onednn(x, None, built[algo])
+                return self._apply(x, None, built[algo])
 
-            names = tuple(v for v in dwconv.candidates('forward', x.dtype) if v.partition(':')[0] in self._FUSABLE)
             algo = dwconv.pick('forward', (x.device.type, x.dtype, tuple(x.shape), x.is_contiguous(),
-                                           tuple(weight.shape), padding, 'fused', 1), run, names)
-            if algo.partition(':')[0] not in self._FUSABLE:
-                algo = 'direct'  # a fixed algorithm that does not fuse (fft): the direct conv, as before it existed
+                                           tuple(weight.shape), padding, 'fused', 1), run)
             plan = built.get(algo) or self._pack(algo, x, weight, bias, padding)
         else:
             plan = self._pack('direct', x, weight, bias, padding)
@@ -397,6 +386,8 @@ class FusedConv:
 
     def _pack(self, algo: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding) -> '_Plan':
         shape, tiles = list(x.shape), None
+        if algo == 'fft':
+            return _Plan(algo, dwconv.fft_kernel(weight, x.shape[-2:], padding), bias, padding)
         if algo.startswith('toeplitz'):
             tiles = toeplitz.tiling(x.shape[-1], weight.shape[-1], padding[1], dwconv.tile_of(algo))
             weight = toeplitz.band_weight(weight, tiles)
@@ -409,10 +400,14 @@ class FusedConv:
             weight, list(padding), [self.stride] * 2, [self.dilation] * 2, self.groups, shape)
         return _Plan(algo, packed, bias, padding, tiles)
 
-    def _onednn(self, x: torch.Tensor, residual: Optional[torch.Tensor], plan: '_Plan') -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, residual: Optional[torch.Tensor], plan: '_Plan') -> torch.Tensor:
+        if plan.algo == 'fft':
+            return self._fft(x, residual, plan.weight, plan.bias)
         geometry = (list(plan.padding), [self.stride] * 2, [self.dilation] * 2, self.groups)
         if residual is not None:
             assert self.act == 'none', 'a fused residual add takes no activation'
+            if plan.tiles is not None:  # the matrix form's output is rows, not the residual's shape: added after
+                return self._apply(x, None, plan).add_(residual)
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, residual, plan.weight, plan.bias, *geometry, 'add', None, None, [], None)
         relu_after = self.act == 'relu' and not getattr(_STATE, 'finite', False)
@@ -429,18 +424,32 @@ class FusedConv:
             out = torch.ops.mkldnn._convolution_pointwise(x, plan.weight, plan.bias, *geometry, *post_op)
         return out.relu_() if relu_after else out
 
+    def _fft(self, x: torch.Tensor, residual: Optional[torch.Tensor], kernel: dwconv.FftKernel,
+             bias: torch.Tensor) -> torch.Tensor:
+        window = dwconv.conv_fft(x, kernel)
+        out = torch.empty(window.shape, dtype=x.dtype, device=x.device, memory_format=dwconv.layout(x))
+        torch.add(window, bias.view(1, -1, 1, 1), out=out)  # the bias, rounded once and laid out as x
+        out = out.relu_() if self.act == 'relu' else _ACTS[self.act](out)
+        return out if residual is None else out.add_(residual)
+
 
 class _Plan(NamedTuple):
-    """How a ``FusedConv`` runs one input geometry: the algorithm, its oneDNN-packed weight, bias and padding, and
-    for ``toeplitz`` the tiling of the input."""
+    """How a ``FusedConv`` runs one input geometry: the algorithm, its weight (oneDNN-packed, or for ``fft`` the
+    kernel's spectrum), bias and padding, and for ``toeplitz`` the tiling of the input."""
     algo: str
-    weight: torch.Tensor
+    weight: Union[torch.Tensor, dwconv.FftKernel]
     bias: torch.Tensor
     padding: Tuple[int, int]
     tiles: Optional[toeplitz.Tiling] = None
 
+    @property
+    def spreads(self) -> bool:
+        """Whether a non-finite input reaches further than the kernel's window (the matrix form, the FFT)."""
+        return self.tiles is not None or self.algo == 'fft'
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias))
+        weight = self.weight.spectrum if isinstance(self.weight, dwconv.FftKernel) else self.weight
+        return sum(t.numel() * t.element_size() for t in (weight, self.bias))
 
 
 def act_name(act: nn.Module) -> str:

@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .._compat import is_fx_symbolic_tracing as _is_fx_tracing
 
-__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'all_finite', 'fold_mode', 'release_free_memory',
-           'TransientCaches', 'CACHE_ATTRS']
+__all__ = ['is_tracing', 'is_fx_tracing', 'autocast_dtype', 'all_finite', 'onednn_bf16_available', 'fold_mode',
+           'release_free_memory', 'TransientCaches', 'CACHE_ATTRS']
 
 
 def is_fx_tracing() -> bool:
@@ -58,6 +58,16 @@ def fold_mode(module: nn.Module) -> Iterator[None]:
     autocast_off = torch.autocast(device, enabled=False) if autocast_dtype(device) else contextlib.nullcontext()
     with torch.inference_mode(False), torch.no_grad(), autocast_off:  # inference_mode(False) turns autograd on
         yield
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_bf16_available() -> bool:
+    """oneDNN's bf16 convs need AVX512-BF16-class CPUs (or AVX-NE-CONVERT) in PyTorch; elsewhere (AVX2-only
+    CPUs, or ``ONEDNN_MAX_CPU_ISA`` below them) PyTorch runs bf16 convs by its own CPU fallback."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @functools.lru_cache(maxsize=None)
