@@ -52,6 +52,8 @@ def cpu_family(info: Dict[str, object]) -> str:
         if info['vendor'] == 'AuthenticAMD' and info['cpuid']:
             return f'AMD {AMD_GENERATIONS.get(info["cpuid"][0], "")}'.rstrip()
         return 'CPU with AVX512-BF16, no AMX'
+    if info['vendor'] == 'AuthenticAMD' and info['cpuid'] and info['cpuid'][0] == 25 and 'avx512f' not in info['flags']:
+        return 'AMD Zen 3, no bf16 matrix instructions'
     return 'CPU without bf16 matrix instructions'
 
 
