@@ -93,27 +93,29 @@ def _lag_window(spec: torch.Tensor, size, lo: Tuple[int, int], count: Tuple[int,
 
 
 class FftKernel(NamedTuple):
-    """A depthwise kernel ready for ``conv_fft`` on maps of one size: its conjugate spectrum (1, C, size[0],
-    size[1] // 2 + 1), the FFT size, and the output's lags."""
+    """A depthwise kernel ready for ``conv_fft`` on maps of one size: the conjugate spectrum (1, C, size[0],
+    size[1] // 2 + 1) of the kernel shifted by the output's first lag, the FFT size, and the output size."""
     spectrum: torch.Tensor
     size: Tuple[int, int]
-    lo: Tuple[int, int]
     out: Tuple[int, int]
 
 
 def fft_kernel(weight: torch.Tensor, map_hw: Tuple[int, int], padding: Tuple[int, int]) -> FftKernel:
     """The kernel of ``conv_fft`` for (H, W) maps: computed once where one weight sees many inputs (eval)."""
-    # y[n, c, i, j] = sum_{a, b} K[c, a, b] x[n, c, i + a - ph, j + b - pw]: lags i - ph of K against x
+    # y[n, c, i, j] = sum_{a, b} K[c, a, b] x[n, c, i + a - ph, j + b - pw]: lags i - ph of K against x. The kernel
+    # rolled by the first lag (circularly, at the FFT size) puts lag -ph + i at index i: the output is a plain slice
     kh, kw = weight.shape[-2:]
     out = (map_hw[0] + 2 * padding[0] - kh + 1, map_hw[1] + 2 * padding[1] - kw + 1)
     lo = (-padding[0], -padding[1])
     size = _correlation_size((kh, kw), map_hw, lo, out)
-    return FftKernel(_spectrum(weight.transpose(0, 1), size).conj(), size, lo, out)
+    shifted = torch.roll(F.pad(weight.transpose(0, 1), (0, size[1] - kw, 0, size[0] - kh)), lo, dims=(-2, -1))
+    return FftKernel(_spectrum(shifted, size).conj(), size, out)
 
 
 def conv_fft(x: torch.Tensor, kernel: FftKernel) -> torch.Tensor:
-    """The stride-1 depthwise conv of x by an ``fft_kernel``: NCHW, in float32 at least."""
-    return _lag_window(_spectrum(x, kernel.size) * kernel.spectrum, kernel.size, kernel.lo, kernel.out)
+    """The stride-1 depthwise conv of x by an ``fft_kernel``: NCHW (a view of the inverse FFT), in float32 at least."""
+    full = torch.fft.irfft2(_spectrum(x, kernel.size) * kernel.spectrum, s=kernel.size)
+    return full[..., :kernel.out[0], :kernel.out[1]]
 
 
 def _conv_fft(x, weight, padding: Tuple[int, int]) -> torch.Tensor:
