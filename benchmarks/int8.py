@@ -75,27 +75,50 @@ def quantize_onnxruntime(path: str, out: str, calibration: np.ndarray, per_chann
     return out
 
 
-def quantize_openvino(path: str, out: str, calibration: np.ndarray, overflow_fix: bool = False) -> str:
-    """NNCF's defaults, or with its overflow fix in every layer (``overflow_fix``): 7-bit weights, so that CPUs
-    without VNNI (AVX2-only), whose int8 multiply-adds saturate at 16 bits, give what VNNI CPUs give."""
+def quantize_openvino(path: str, out: str, calibration: np.ndarray, overflow_fix: bool = False,
+                      per_tensor_activations: bool = True, fold: bool = True) -> str:
+    """NNCF with per-tensor activation scales (``per_tensor_activations``; NNCF's default scales the depthwise convs'
+    inputs per channel, and with those OpenVINO's int8 kernels gave wrong logits on the trained small SMPConv), and
+    with its overflow fix in every layer (``overflow_fix``): 7-bit weights, so that CPUs without VNNI (AVX2-only),
+    whose int8 multiply-adds saturate at 16 bits, give what VNNI CPUs give.
+
+    ``fold``: read the file with ``ov.convert_model``, which folds constants, instead of ``Core().read_model``.
+    ``read_model`` gives each depthwise conv its weights through a Reshape to a shape computed at run time; NNCF
+    then scales those weights per channel *and* kernel column, which no int8 kernel takes, and OpenVINO runs every
+    depthwise conv in fp32. Folded, the weights are one constant with per-channel scales, and the depthwise convs
+    run in int8."""
     import nncf
     import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-    model = ov.Core().read_model(path)
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, OverflowFix,
+                                                       QuantizationParameters)
+    model = ov.convert_model(path) if fold else ov.Core().read_model(path)
     dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE) if overflow_fix else None
+    advanced = AdvancedQuantizationParameters()
+    if overflow_fix:
+        advanced.overflow_fix = OverflowFix.ENABLE
+    if per_tensor_activations:
+        advanced.activations_quantization_params = QuantizationParameters(per_channel=False)
     ov.save_model(nncf.quantize(model, dataset, subset_size=len(calibration), advanced_parameters=advanced), out)
     return out
 
 
 #: (runtime, int8 scheme) -> (quantize(path, out, calibration), session(path))
 SCHEMES = {
-    ('OpenVINO', 'NNCF defaults'): (quantize_openvino, openvino_session, '.xml'),
-    ('OpenVINO', 'NNCF, overflow fix'): (lambda p, o, c: quantize_openvino(p, o, c, True), openvino_session, '.xml'),
+    ('OpenVINO', 'NNCF, per-tensor activations'): (quantize_openvino, openvino_session, '.xml'),
+    ('OpenVINO', 'NNCF, per-tensor act., overflow fix'): (lambda p, o, c: quantize_openvino(p, o, c, True),
+                                                          openvino_session, '.xml'),
+    ('OpenVINO', 'NNCF defaults'): (lambda p, o, c: quantize_openvino(p, o, c, per_tensor_activations=False),
+                                    openvino_session, '.xml'),
+    ('OpenVINO', 'NNCF defaults, read_model'): (
+        lambda p, o, c: quantize_openvino(p, o, c, per_tensor_activations=False, fold=False), openvino_session, '.xml'),
     ('ONNX Runtime', 'per-tensor'): (lambda p, o, c: quantize_onnxruntime(p, o, c, False), onnxruntime_session, '.onnx'),
     ('ONNX Runtime', 'per-channel'): (lambda p, o, c: quantize_onnxruntime(p, o, c, True), onnxruntime_session, '.onnx'),
 }
 FP32 = {'OpenVINO': openvino_session, 'ONNX Runtime': onnxruntime_session}
+
+
+def slug(runtime: str, scheme: str) -> str:
+    return '_'.join(''.join(c if c.isalnum() else ' ' for c in f'{runtime} {scheme}').split())
 
 
 def predict(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int = 1) -> np.ndarray:
@@ -121,7 +144,7 @@ def accuracy_rows(args, tmp: str) -> List[List[str]]:
             if runtime not in args.runtimes:
                 continue
             fp32 = predict(FP32[runtime](path), val)
-            int8 = predict(session(quantize(path, os.path.join(tmp, f'{run}_{runtime[:2]}_{scheme[:5]}{ext}'), calib)),
+            int8 = predict(session(quantize(path, os.path.join(tmp, f'{run}_{slug(runtime, scheme)}{ext}'), calib)),
                            val)
             a, b = percent(fp32 == val_labels), percent(int8 == val_labels)
             rows.append([f'{name} ({run})', runtime, scheme, f'{a:.2f}', f'{b:.2f}', f'{b - a:+.2f}',
@@ -141,7 +164,7 @@ def speed_rows(args, tmp: str) -> List[List[str]]:
     for (runtime, scheme), (quantize, session, ext) in SCHEMES.items():
         if runtime not in args.runtimes or scheme not in args.speed_schemes:
             continue
-        quantized = {k: quantize(p, p.replace('.onnx', f'_{runtime[:2]}_{scheme[:5]}_int8{ext}'), calib)
+        quantized = {k: quantize(p, p.replace('.onnx', f'_{slug(runtime, scheme)}_int8{ext}'), calib)
                      for k, p in files.items()}
         if args.profile and runtime == 'OpenVINO':
             x = np.random.default_rng(0).standard_normal((args.batches[0], 3, 224, 224), dtype=np.float32)
@@ -173,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--calibration', type=int, default=300, help='training images that calibrate at 32x32')
     parser.add_argument('--calibration-224', type=int, default=64, help='... and at 224x224 (speed rows)')
     parser.add_argument('--runtimes', nargs='+', default=['OpenVINO', 'ONNX Runtime'], choices=list(FP32))
-    parser.add_argument('--speed-schemes', nargs='+', default=['NNCF defaults', 'per-channel'])
+    parser.add_argument('--speed-schemes', nargs='+', default=['NNCF, per-tensor activations', 'per-channel'])
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 16])
     parser.add_argument('--reps', type=int, default=10, help='alternations per speed row (bs 16: half)')
     parser.add_argument('--profile', action='store_true',

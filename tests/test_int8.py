@@ -63,18 +63,33 @@ def _has_vnni() -> bool:
 
 def test_nncf_to_openvino(deploy_onnx):
     nncf, ov = client('nncf'), client('openvino')
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, OverflowFix,
+                                                       QuantizationParameters)
     deploy, path = deploy_onnx
     calib, test = _digits(64), _digits(64, offset=500)
-    # without VNNI (AVX2-only CPUs) OpenVINO's int8 multiply-adds saturate at 16 bits: NNCF's overflow fix in every
-    # layer (7-bit weights) is the quantization for them; NNCF's defaults fix the first layer only
-    advanced = None if _has_vnni() else AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
-    quantized = nncf.quantize(ov.Core().read_model(path), nncf.Dataset([calib[i:i + 1] for i in range(64)]),
-                              subset_size=64, advanced_parameters=advanced)
-    request = ov.Core().compile_model(quantized, 'CPU').create_infer_request()
-    assert any(op.get_type_name() == 'FakeQuantize' for op in quantized.get_ops())
+    # the recipe of README's int8 paragraph: per-tensor activation scales, and without VNNI (AVX2-only CPUs, whose
+    # int8 multiply-adds saturate at 16 bits) NNCF's overflow fix in every layer (7-bit weights)
+    advanced = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
+    if not _has_vnni():
+        advanced.overflow_fix = OverflowFix.ENABLE
+    # ov.convert_model folds constants: read by Core().read_model, each depthwise conv's weights come through a
+    # computed Reshape, NNCF scales them per channel and kernel column, and OpenVINO runs those convs in fp32
+    model = ov.convert_model(path)
+    quantized = nncf.quantize(model, nncf.Dataset([calib[i:i + 1] for i in range(64)]), subset_size=64,
+                              advanced_parameters=advanced)
+    depthwise = [op for op in quantized.get_ordered_ops() if op.get_type_name() == 'GroupConvolution']
+    assert len(depthwise) >= 4
+    for op in depthwise:  # int8 weights with one scale per output channel
+        channels = op.input_value(1).get_partial_shape()[0].get_length()
+        scale = op.input_value(1).get_node()
+        assert scale.get_type_name() == 'Multiply', scale.get_type_name()
+        assert [tuple(scale.input_value(i).get_partial_shape().to_shape()) for i in range(2)][1] == (channels, 1, 1, 1, 1)
+    compiled = ov.Core().compile_model(quantized, 'CPU', {'PERF_COUNT': True})
+    request = compiled.create_infer_request()
     with torch.no_grad():
         _check(request.infer({0: test})[0], deploy(torch.from_numpy(test)).numpy())
+    kernels = {p.exec_type for p in request.get_profiling_info() if p.node_type == 'GroupConvolution'}
+    assert kernels and all(k.upper().endswith('I8') for k in kernels), kernels
 
 
 @pytest.mark.parametrize('per_channel', [False, True])
