@@ -54,6 +54,8 @@ def cpu_family(info: Dict[str, object]) -> str:
         return 'CPU with AVX512-BF16, no AMX'
     if info['vendor'] == 'AuthenticAMD' and info['cpuid'] and info['cpuid'][0] == 25 and 'avx512f' not in info['flags']:
         return 'AMD Zen 3, no bf16 matrix instructions'
+    if info['vendor'] == 'GenuineIntel' and 'avx512f' in info['flags']:
+        return 'Intel Xeon with AVX-512, no bf16 matrix instructions'
     return 'CPU without bf16 matrix instructions'
 
 
