@@ -152,19 +152,30 @@ def test_band_weight_is_the_kernel_as_banded_matrices(tile, pad):
 @pytest.mark.parametrize('algo', [v for a in ('fft', 'toeplitz') for v in dwconv.variants(a)])
 def test_fft_and_matrix_forms_keep_non_finite_values_where_pytorch_has_them(algo):
     """A NaN or inf in the input (forward) or in the output gradient (input gradient) reaches the outputs it reaches
-    in F.conv2d, no further: the FFT and the matrix form mix whole maps or rows."""
+    in F.conv2d, no further: the FFT and the matrix form mix whole maps or rows. The other image's result is bitwise
+    what it is in a finite batch, as in F.conv2d."""
     config.set_dwconv_algorithms(**dict(PLAIN, forward=algo, input_grad=algo))
-    n, c, h, w, k, p = 2, 3, 9, 8, 5, 2
+    n, c, h, w, k, p = 3, 3, 9, 8, 5, 2
+
+    def conv(x, w, b, pad):
+        return dwconv.depthwise_conv2d(x, w, b, 1, pad)
     for where, value in (('x', float('nan')), ('x', float('inf')), ('grad', float('nan')), ('grad', -float('inf'))):
-        torch.manual_seed(0)
-        x, grad = torch.randn(n, c, h, w), torch.randn(n, c, h, w)
-        (x if where == 'x' else grad)[1, 2, 4, 3] = value
-        weight = torch.randn(c, 1, k, k)
-        got = conv_and_grads(x, weight, torch.zeros(c), p, grad, lambda x, w, b, pad: dwconv.depthwise_conv2d(x, w, b, 1, pad))
-        ref = conv_and_grads(x, weight, torch.zeros(c), p, grad, lambda x, w, b, pad: F.conv2d(x, w, b, 1, pad, 1, c))
-        index = 0 if where == 'x' else 1
-        assert not ref[index].isfinite().all() and ref[index][1, 2].isfinite().any(), where
-        torch.testing.assert_close(got[index], ref[index], equal_nan=True, msg=lambda m: f'{algo} {where}={value}: {m}')
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            x, grad = torch.randn(n, c, h, w), torch.randn(n, c, h, w)
+            if channels_last:
+                x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+            weight = torch.randn(c, 1, k, k)
+            finite = conv_and_grads(x, weight, torch.zeros(c), p, grad, conv)
+            (x if where == 'x' else grad)[1, 2, 4, 3] = value
+            got = conv_and_grads(x, weight, torch.zeros(c), p, grad, conv)
+            ref = conv_and_grads(x, weight, torch.zeros(c), p, grad, lambda x, w, b, pad: F.conv2d(x, w, b, 1, pad, 1, c))
+            index = 0 if where == 'x' else 1
+            assert not ref[index].isfinite().all() and ref[index][1, 2].isfinite().any(), where
+            msg = f'{algo} {where}={value} channels_last={channels_last}'
+            torch.testing.assert_close(got[index], ref[index], equal_nan=True, msg=lambda m: f'{msg}: {m}')
+            assert torch.equal(got[index][[0, 2]], finite[index][[0, 2]]), msg
+            assert dwconv.layout(got[index]) == dwconv.layout(finite[index]), msg
 
 
 @pytest.mark.parametrize('algo', [v for a in ('fft', 'toeplitz', 'rows') for v in dwconv.variants(a)])

@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.utils import reparameterize_model
 
-from smpconv_timm.config import set_inference_fast_path, set_training_recompute
+from smpconv_timm.config import set_dwconv_algorithms, set_inference_fast_path, set_training_recompute
 
 from test_fastpath import randomise_bn
 
@@ -18,9 +18,17 @@ def no_grad(fn, x, autocast=None, fast=True):
         return fn(x)
 
 
-@pytest.fixture(scope='module')
-def eval_paths():
-    """name -> run(x) for every eval path: fast path, plain modules, deploy form, autocast, weight dtypes, features."""
+def forced(algo, run):
+    def run_forced(x):
+        with set_dwconv_algorithms(forward=algo):
+            return run(x)
+    return run_forced
+
+
+@pytest.fixture(scope='module', params=['auto', 'direct', 'fft', 'toeplitz'])
+def eval_paths(request):
+    """name -> run(x) for every eval path: fast path, plain modules, deploy form, autocast, weight dtypes, features;
+    the large kernels by the algorithm timed fastest here, or by each one forced (each conv has them all)."""
     torch.manual_seed(0)
     model = randomise_bn(timm.create_model('smpconv_t', **TINY)).eval()
     deploy = reparameterize_model(model)
@@ -28,7 +36,7 @@ def eval_paths():
 
     def features(x):
         return model.forward_intermediates(x, intermediates_only=True)
-    return {
+    paths = {
         'fast path': lambda x: no_grad(model, x),
         'plain modules': lambda x: no_grad(model, x, fast=False),
         'autograd on': lambda x: model(x).detach(),
@@ -39,6 +47,7 @@ def eval_paths():
         **{f'{dtype} weights': lambda x, m=m, dtype=dtype: no_grad(m, x.to(dtype)) for dtype, m in cast.items()},
         'features': lambda x: no_grad(features, x),
     }
+    return {name: forced(request.param, run) for name, run in paths.items()}
 
 
 @pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])

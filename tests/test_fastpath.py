@@ -231,7 +231,12 @@ def test_fused_ops_keep_nan_and_inf_as_pytorch_does(op, dtype):
         residual = residual.contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        out = FusedConv(weight, bias, padding=k // 2, groups=groups, act=act)(x, residual)
+        conv = FusedConv(weight, bias, padding=k // 2, groups=groups, act=act)
+        out = conv(x, residual)
+        # the finite image's result is bitwise what it is in a batch without the NaN and inf, as in PyTorch's conv
+        others = conv(torch.cat([torch.randn_like(x[:1]), x[1:]]).contiguous(memory_format=torch.channels_last),
+                      residual)
+        torch.testing.assert_close(out[1], others[1], rtol=0, atol=0, equal_nan=True)
         ref = F.conv2d(x, weight, bias, 1, k // 2, 1, groups)
         ref = {'relu': F.relu, 'gelu': F.gelu, 'none': lambda t: t}[act](ref)
         ref = ref if residual is None else ref + residual
@@ -241,10 +246,12 @@ def test_fused_ops_keep_nan_and_inf_as_pytorch_does(op, dtype):
     assert out[nan].isnan().all()
     if act != 'gelu':  # PyTorch's own gelu(+-inf) is inf or NaN, depending on where the element falls (vector or tail)
         assert torch.equal(out.isnan(), nan) and torch.equal(out[ref.isinf()], ref[ref.isinf()])
-    if dtype == torch.float32:
-        close(out[finite], ref[finite])
-    else:
-        torch.testing.assert_close(out[finite].float(), ref[finite].float(), rtol=2e-2, atol=5e-2)
+    for i in range(len(x)):  # each image to its own scale (the FFT's rounding is relative to the map's largest value)
+        got, want = out[i][finite[i]].float(), ref[i][finite[i]].float()
+        if dtype == torch.float32:
+            close(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2 * max(1., want.abs().max().item()))
 
 
 CONTEXTS = {

@@ -28,9 +28,10 @@ environment variable (e.g. ``SMPCONV_DWCONV=weight_grad=fft,forward=direct``). T
 
 All candidates give ``F.conv2d``'s result up to float rounding for finite inputs. ``fft`` and ``toeplitz`` would
 carry a NaN or inf further than the kernel's window (the whole map, or whole rows), so their forward (and the input
-gradient, a forward of the output gradient) takes the direct conv where its input is not finite, and where their
-weight gradient (or that of ``rows``) comes out non-finite, PyTorch's own is returned instead: a non-finite value
-reaches the outputs and gradients it reaches in PyTorch's own conv.
+gradient, a forward of the output gradient) takes the direct conv for the images that are not finite, leaving the
+others' results bitwise as in a finite batch (``images_apart``); where their weight gradient (or that of ``rows``)
+comes out non-finite, PyTorch's own is returned instead: a non-finite value reaches the outputs and gradients it
+reaches in PyTorch's own conv, and no others.
 """
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -43,7 +44,7 @@ from . import toeplitz
 from .runtime import all_finite, autocast_dtype, is_tracing, onednn_bf16_available
 
 __all__ = ['depthwise_conv2d', 'layout', 'variants', 'candidates', 'pick', 'tile_of', 'crop_kernel', 'crop_taps',
-           'fft_kernel', 'conv_fft', 'FftKernel', 'ALGORITHMS', 'STRIDED', 'TOEPLITZ_TILES']
+           'fft_kernel', 'conv_fft', 'images_apart', 'FftKernel', 'ALGORITHMS', 'STRIDED', 'TOEPLITZ_TILES']
 
 ALGORITHMS = config.DWCONV_ALGORITHMS
 _tuned: Dict[tuple, str] = {}
@@ -148,11 +149,27 @@ def matrix_form_applies(*tensors: torch.Tensor) -> bool:
     return all(all_finite(t) for t in tensors)
 
 
+def images_apart(x: torch.Tensor, spread: Callable, local: Callable) -> torch.Tensor:
+    """``spread(x)`` (the FFT or the matrix form) where ``x`` is finite. Where an image holds a NaN or inf, the
+    other images' results are bitwise those of a finite batch, ``spread`` of the batch with that image zeroed, and
+    that image's is ``local(x)``'s (the direct conv), non-finite where PyTorch's conv is."""
+    if matrix_form_applies(x):
+        return spread(x)
+    bad = ~x.isfinite().flatten(1).all(1)
+    zeroed = x.clone()  # laid out as x (masked_fill would not keep channels-last)
+    zeroed[bad] = 0
+    out = spread(zeroed)
+    out[bad] = local(x)[bad]
+    return out
+
+
 def _forward(algo, x, weight, padding, stride=1):
-    if algo == 'fft' and matrix_form_applies(x):
-        return _conv_fft(x, weight, padding).contiguous(memory_format=layout(x))
-    if algo.startswith('toeplitz') and matrix_form_applies(x):
-        return toeplitz.conv(x, weight, padding, tile_of(algo))
+    if algo == 'fft':
+        return images_apart(x, lambda t: _conv_fft(t, weight, padding).contiguous(memory_format=layout(t)),
+                            lambda t: _conv_direct(t, weight, padding))
+    if algo.startswith('toeplitz'):
+        return images_apart(x, lambda t: toeplitz.conv(t, weight, padding, tile_of(algo)),
+                            lambda t: _conv_direct(t, weight, padding))
     if algo == 'direct_fp32' and x.dtype in _HALF:
         return _conv_direct(x.float(), weight.float(), padding, stride).to(x.dtype)
     return _conv_direct(x, weight, padding, stride)

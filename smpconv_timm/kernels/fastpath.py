@@ -344,10 +344,17 @@ class FusedConv:
         onednn_dtype = x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
         if _ONEDNN and x.device.type == 'cpu' and onednn_dtype:
             plan = self._plan(x, weight, bias)
-            # the matrix form and the FFT only on finite input (dwconv.matrix_form_applies): known for the model's own
-            if not plan.spreads or getattr(_STATE, 'finite', False) or dwconv.matrix_form_applies(x):
+            # the matrix form and the FFT only on finite images (dwconv.images_apart): known for the model's own input
+            if not plan.spreads or getattr(_STATE, 'finite', False):
                 return self._apply(x, residual, plan)
-        if self.depthwise:
+            return dwconv.images_apart(x, lambda t: self._apply(t, residual, plan),
+                                       lambda t: self._unfused(t, residual, weight, bias, plain=True))
+        return self._unfused(x, residual, weight, bias)
+
+    def _unfused(self, x, residual, weight, bias, plain: bool = False) -> torch.Tensor:
+        """The same by separate ops: the conv by ``depthwise_conv2d`` where depthwise, else (or where ``plain``) by
+        ``F.conv2d``."""
+        if self.depthwise and not plain:
             y = depthwise_conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
         else:
             y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
